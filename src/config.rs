@@ -168,7 +168,7 @@ impl Default for BrokerConfig {
             internal_listen: ([127, 0, 0, 1], 0).into(),
             max_payload_size: 256 * 1024,
             max_inflight: 100,
-            max_outgoing_packets: 200_000,
+            max_outgoing_packets: 200,
         }
     }
 }
@@ -316,8 +316,9 @@ mod tests {
 
     #[test]
     fn toml_overrides_defaults_and_unknown_keys_are_refused() {
-        let c = Config::from_toml("[enrollment]\nmode = \"allowlist\"\nactivation_timeout_secs = 5\n")
-            .expect("valid");
+        let c =
+            Config::from_toml("[enrollment]\nmode = \"allowlist\"\nactivation_timeout_secs = 5\n")
+                .expect("valid");
         assert_eq!(c.enrollment.mode, EnrollmentMode::Allowlist);
         assert_eq!(c.enrollment.activation_timeout_secs, 5);
         assert_eq!(c.store.url, "sqlite://data/onboard.db");

@@ -23,6 +23,16 @@
 //! - [`gateway`]: wires everything into one running process.
 //! - [`cli`]: the `onboard` command line.
 
+pub mod admin;
+pub mod audit;
+pub mod broker;
 pub mod config;
+pub mod enroll;
+pub mod front;
+pub mod gateway;
+pub mod lifecycle;
+pub mod metrics;
+pub mod password;
 pub mod pki;
 pub mod store;
+pub mod templates;

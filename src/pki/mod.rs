@@ -185,7 +185,11 @@ impl Issuer {
     }
 
     /// Issue a client certificate with CN `common_name` and a fresh EC P-256 key.
-    pub fn issue_client(&self, common_name: &str, options: &CertOptions) -> Result<CertAndKey, PkiError> {
+    pub fn issue_client(
+        &self,
+        common_name: &str,
+        options: &CertOptions,
+    ) -> Result<CertAndKey, PkiError> {
         let _ = (common_name, options);
         todo!()
     }
@@ -246,7 +250,10 @@ impl Pki {
 
     /// Generate an EC P-256 key pair and an operational certificate for it; returns the private
     /// key PEM (PKCS#8), which the caller hands to the device once and never stores.
-    pub fn generate_credential(&self, device_id: &str) -> Result<(IssuedCertificate, String), PkiError> {
+    pub fn generate_credential(
+        &self,
+        device_id: &str,
+    ) -> Result<(IssuedCertificate, String), PkiError> {
         let _ = device_id;
         todo!()
     }

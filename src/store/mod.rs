@@ -98,7 +98,9 @@ impl FromStr for CredentialKind {
         match s {
             "certificate" => Ok(CredentialKind::Certificate),
             "password" => Ok(CredentialKind::Password),
-            other => Err(StoreError::Corrupt(format!("unknown credential kind {other:?}"))),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown credential kind {other:?}"
+            ))),
         }
     }
 }
@@ -382,13 +384,15 @@ pub trait Store: Send + Sync + 'static {
     /// enrollment `(device_id, request_id) -> response`, optionally revoke other credentials,
     /// and append the events. `Conflict` when `expected_generation` does not match, or the
     /// `(device_id, request_id)` pair already exists.
-    async fn commit_enrollment(&self, commit: EnrollmentCommit) -> StoreResult<EnrollmentCommitted>;
+    async fn commit_enrollment(&self, commit: EnrollmentCommit)
+        -> StoreResult<EnrollmentCommitted>;
     /// Devices in state `enrolling` with their deadline and awaited serial.
     async fn pending_activations(&self) -> StoreResult<Vec<PendingActivation>>;
     /// `enrolling` -> `active` if the device's current serial is `serial`; sets `activated_at`
     /// on device and credential, revokes the device's other unrevoked credentials (reason
     /// `superseded`), appends the event. `Ok(false)` if the device was not in that state.
-    async fn activate(&self, device_id: &str, serial: &str, event: AuditEvent) -> StoreResult<bool>;
+    async fn activate(&self, device_id: &str, serial: &str, event: AuditEvent)
+        -> StoreResult<bool>;
     /// `enrolling` -> `failed` if the current serial is `serial`: revoke that credential
     /// (reason `activation_timeout`), set last_error, append the event. `Ok(false)` otherwise.
     async fn expire_enrollment(
@@ -402,19 +406,31 @@ pub trait Store: Send + Sync + 'static {
     async fn credential(&self, serial: &str) -> StoreResult<Option<Credential>>;
     async fn credentials_of(&self, device_id: &str) -> StoreResult<Vec<Credential>>;
     /// Insert one credential outside enrollment (certificate renewal), with its event.
-    async fn insert_credential(&self, credential: &Credential, event: AuditEvent) -> StoreResult<()>;
+    async fn insert_credential(
+        &self,
+        credential: &Credential,
+        event: AuditEvent,
+    ) -> StoreResult<()>;
     /// Set `activated_at` on first use (renewal: the device connected with the new certificate).
     async fn mark_credential_used(&self, serial: &str) -> StoreResult<bool>;
     /// Revoke one credential if not yet revoked. `Ok(false)` if it was already revoked.
     async fn revoke_credential(&self, serial: &str, reason: &str) -> StoreResult<bool>;
     /// Revoke every unrevoked credential of a device; returns their serials.
-    async fn revoke_device_credentials(&self, device_id: &str, reason: &str) -> StoreResult<Vec<String>>;
+    async fn revoke_device_credentials(
+        &self,
+        device_id: &str,
+        reason: &str,
+    ) -> StoreResult<Vec<String>>;
     /// Serials revoked so far (the connect-time deny list, loaded at start).
     async fn revoked_serials(&self) -> StoreResult<Vec<String>>;
 
     // ---- configuration ----------------------------------------------------------------------
     async fn latest_config(&self, device_id: &str) -> StoreResult<Option<DeviceConfig>>;
-    async fn config_version(&self, device_id: &str, version: i64) -> StoreResult<Option<DeviceConfig>>;
+    async fn config_version(
+        &self,
+        device_id: &str,
+        version: i64,
+    ) -> StoreResult<Option<DeviceConfig>>;
     async fn config_history(&self, device_id: &str) -> StoreResult<Vec<DeviceConfig>>;
     /// Newest config of every device whose config is published (states enrolling and active),
     /// for republishing retained messages at start.
@@ -438,7 +454,8 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- firmware ---------------------------------------------------------------------------
     async fn insert_firmware_job(&self, job: &FirmwareJob, event: AuditEvent) -> StoreResult<()>;
-    async fn firmware_job(&self, job_id: &str, device_id: &str) -> StoreResult<Option<FirmwareJob>>;
+    async fn firmware_job(&self, job_id: &str, device_id: &str)
+        -> StoreResult<Option<FirmwareJob>>;
     async fn latest_firmware_job(&self, device_id: &str) -> StoreResult<Option<FirmwareJob>>;
     async fn update_firmware_job(
         &self,
@@ -456,7 +473,11 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- admin idempotency ------------------------------------------------------------------
     /// Remember an admin command's reply; `Ok(false)` if `request_id` was already recorded.
-    async fn record_admin_reply(&self, request_id: &str, reply: &serde_json::Value) -> StoreResult<bool>;
+    async fn record_admin_reply(
+        &self,
+        request_id: &str,
+        reply: &serde_json::Value,
+    ) -> StoreResult<bool>;
     async fn admin_reply(&self, request_id: &str) -> StoreResult<Option<serde_json::Value>>;
 }
 
@@ -465,10 +486,12 @@ pub async fn open(config: &crate::config::StoreConfig) -> StoreResult<std::sync:
     let url = config.url.trim();
     if let Some(path) = url.strip_prefix("sqlite://") {
         let store = sqlite::SqliteStore::open(std::path::Path::new(path), config).await?;
-        let _ = store; todo!("restore: Ok(std::sync::Arc::new(store))")
+        let _ = store;
+        todo!("restore: Ok(std::sync::Arc::new(store))")
     } else if mssql::looks_like_mssql(url) {
         let store = mssql::MssqlStore::connect(url, config).await?;
-        let _ = store; todo!("restore: Ok(std::sync::Arc::new(store))")
+        let _ = store;
+        todo!("restore: Ok(std::sync::Arc::new(store))")
     } else {
         Err(StoreError::InvalidUrl(
             "expected sqlite://PATH, mssql://... or an ADO.NET connection string".into(),

@@ -6,7 +6,10 @@ pub fn looks_like_mssql(url: &str) -> bool {
     todo!()
 }
 impl MssqlStore {
-    pub async fn connect(url: &str, config: &crate::config::StoreConfig) -> StoreResult<MssqlStore> {
+    pub async fn connect(
+        url: &str,
+        config: &crate::config::StoreConfig,
+    ) -> StoreResult<MssqlStore> {
         let _ = (url, config);
         todo!()
     }

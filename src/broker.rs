@@ -1,0 +1,271 @@
+//! The embedded rumqttd broker.
+//!
+//! rumqttd has no hook that sees a client certificate and no per-topic authorization, so it is
+//! never exposed: it listens on loopback only, and its authentication hook accepts nothing but
+//! the per-process secret that the [front](crate::front) presents after it has authenticated a
+//! client itself. A client that reaches the internal port directly cannot know the secret.
+//!
+//! The gateway talks to the broker through one local link (no socket): [`BrokerLink`] publishes
+//! responses and retained configuration, and [`Inbox`] receives what devices publish on the
+//! topics the gateway serves (enrollment requests, config acks, firmware status, renewals).
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::RngCore;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
+use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
+use tokio::sync::mpsc;
+
+use crate::config::{BrokerConfig, ServerConfig};
+
+/// Topics the gateway's link subscribes to. The front guarantees that only device `D` can
+/// publish under `enroll/D/` and `devices/D/`, so the topic names the sender.
+pub const GATEWAY_SUBSCRIPTIONS: &[&str] = &[
+    "enroll/+/request",
+    "devices/+/config/ack",
+    "devices/+/firmware/status",
+    "devices/+/cert/renew",
+];
+
+/// Username the front presents to the internal listener.
+pub const INTERNAL_USER: &str = "onboard-front";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("internal listener {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("broker link: {0}")]
+    Link(String),
+    #[error("broker did not start listening on {0} within 10 s")]
+    NotListening(SocketAddr),
+}
+
+/// A message a device published on one of [`GATEWAY_SUBSCRIPTIONS`].
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: Bytes,
+}
+
+/// A publish the gateway asks the broker to route.
+#[derive(Debug)]
+enum Outbound {
+    Publish(Publish),
+}
+
+/// Handle to publish through the broker. Cheap to clone; never blocks the caller: publishes are
+/// queued to a thread that owns the link (the router's channel is bounded and may block).
+#[derive(Clone)]
+pub struct BrokerLink {
+    tx: mpsc::UnboundedSender<Outbound>,
+}
+
+impl BrokerLink {
+    /// QoS 0, not retained (responses, events).
+    pub fn publish(&self, topic: &str, payload: impl Into<Bytes>) {
+        self.send(topic, payload.into(), false);
+    }
+
+    /// Retained (configuration, firmware jobs). Local links publish at QoS 0; rumqttd delivers
+    /// at the subscription's QoS, so a device subscribed at QoS 1 receives it at QoS 1.
+    pub fn publish_retained(&self, topic: &str, payload: impl Into<Bytes>) {
+        self.send(topic, payload.into(), true);
+    }
+
+    /// Remove the retained message of `topic` (an empty retained publish).
+    pub fn clear_retained(&self, topic: &str) {
+        self.send(topic, Bytes::new(), true);
+    }
+
+    fn send(&self, topic: &str, payload: Bytes, retain: bool) {
+        let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain);
+        if self.tx.send(Outbound::Publish(publish)).is_err() {
+            tracing::error!(topic, "broker link is closed; publish dropped");
+        }
+    }
+}
+
+/// Messages devices published on the gateway's topics.
+pub struct Inbox {
+    rx: mpsc::Receiver<Inbound>,
+}
+
+impl Inbox {
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        self.rx.recv().await
+    }
+}
+
+/// A running embedded broker.
+pub struct Broker {
+    /// Loopback address of the internal listener (only the front connects here).
+    pub internal_addr: SocketAddr,
+    /// Password the front presents; random per process.
+    pub secret: Arc<str>,
+    pub link: BrokerLink,
+}
+
+impl Broker {
+    /// Start rumqttd's router and its internal listener, and the gateway's link.
+    /// Returns once the internal listener accepts connections.
+    pub async fn start(
+        broker: &BrokerConfig,
+        server: &ServerConfig,
+    ) -> Result<(Broker, Inbox), BrokerError> {
+        let internal_addr = pick_internal_addr(broker.internal_listen)?;
+        let mut secret_bytes = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret_bytes);
+        let secret: Arc<str> = Arc::from(hex::encode(secret_bytes));
+
+        let mut connections = ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: broker.max_payload_size,
+            max_inflight_count: broker.max_inflight,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        };
+        let expected = secret.clone();
+        connections.set_auth_handler(move |_client_id: String, user: String, pass: String| {
+            let ok = user == INTERNAL_USER
+                && bool::from(subtle::ConstantTimeEq::ct_eq(
+                    pass.as_bytes(),
+                    expected.as_bytes(),
+                ));
+            async move { ok }
+        });
+        let listener = ServerSettings {
+            name: "internal".into(),
+            listen: internal_addr,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections,
+        };
+        let config = rumqttd::Config {
+            id: 0,
+            router: RouterConfig {
+                max_connections: server.max_connections + 16,
+                max_outgoing_packet_count: broker.max_outgoing_packets,
+                max_segment_size: 10 * 1024 * 1024,
+                max_segment_count: 10,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+            v4: Some([("internal".to_string(), listener)].into_iter().collect()),
+            ..Default::default()
+        };
+
+        let mut rumqttd = rumqttd::Broker::new(config);
+        let (mut link_tx, link_rx) = rumqttd
+            .link("onboard-gateway")
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+        for filter in GATEWAY_SUBSCRIPTIONS {
+            link_tx
+                .subscribe(*filter)
+                .map_err(|e| BrokerError::Link(e.to_string()))?;
+        }
+        std::thread::Builder::new()
+            .name("rumqttd".into())
+            .spawn(move || {
+                if let Err(e) = rumqttd.start() {
+                    tracing::error!(error = %e, "embedded broker stopped");
+                }
+            })
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("broker-link-tx".into())
+            .spawn(move || run_publisher(link_tx, out_rx))
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+
+        let (in_tx, in_rx) = mpsc::channel(4096);
+        tokio::spawn(run_receiver(link_rx, in_tx));
+
+        wait_listening(internal_addr).await?;
+        tracing::info!(%internal_addr, "embedded broker listening (loopback, front only)");
+        Ok((
+            Broker {
+                internal_addr,
+                secret,
+                link: BrokerLink { tx: out_tx },
+            },
+            Inbox { rx: in_rx },
+        ))
+    }
+}
+
+/// Port 0 means: pick a free loopback port now (rumqttd binds by address, not by socket).
+fn pick_internal_addr(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let probe = StdListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+    probe
+        .local_addr()
+        .map_err(|source| BrokerError::Bind { addr, source })
+}
+
+async fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
+    for _ in 0..1000 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(BrokerError::NotListening(addr))
+}
+
+fn run_publisher(mut link_tx: LinkTx, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "broker link thread");
+            return;
+        }
+    };
+    while let Some(Outbound::Publish(publish)) = rx.blocking_recv() {
+        if let Err(e) = runtime.block_on(link_tx.send(Packet::Publish(publish, None))) {
+            tracing::error!(error = %e, "broker link closed");
+            return;
+        }
+    }
+}
+
+async fn run_receiver(mut link_rx: LinkRx, tx: mpsc::Sender<Inbound>) {
+    loop {
+        match link_rx.next().await {
+            Ok(Some(Notification::Forward(forward))) => {
+                let Ok(topic) = std::str::from_utf8(&forward.publish.topic) else {
+                    continue;
+                };
+                let inbound = Inbound {
+                    topic: topic.to_owned(),
+                    payload: forward.publish.payload,
+                };
+                if tx.send(inbound).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                if let Err(e) = link_rx.wake().await {
+                    tracing::error!(error = %e, "broker link closed");
+                    return;
+                }
+            }
+            Ok(Some(_)) | Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "broker link closed");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The one place where a connection's identity is decided: role and device id from the client
+//! certificate (or the password credential), checked against the CONNECT and the inventory.
+//! Every refusal has a typed reason, which becomes the `reason` label of
+//! `onboard_auth_failures_total` and the detail of the `auth_refused` audit event.
+
+use std::sync::Arc;
+
+use regex::Regex;
+
+use super::codec::{connack, ConnectPacket};
+use super::rules::{self, Action, Principal};
+use crate::config::EnrollmentMode;
+use crate::metrics::Metrics;
+use crate::pki::{CertRefusal, CertRefusalReason, PeerCert, Role};
+use crate::store::{CredentialKind, DeviceState, Store, StoreError};
+
+/// Which listener a connection came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// Client certificate required.
+    Mtls,
+    /// TLS without client certificate; username/password in CONNECT.
+    Password,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    Certificate(CertRefusalReason),
+    TlsHandshake,
+    HandshakeTimeout,
+    ConnectTimeout,
+    ProtocolError,
+    UnsupportedProtocol,
+    ClientIdMismatch,
+    InvalidDeviceId,
+    UnknownCredential,
+    CredentialRevoked,
+    DeviceRevoked,
+    BadPassword,
+    NotAllowlisted,
+    WillTopicDenied,
+    StoreUnavailable,
+    TooManyConnections,
+    BrokerRefused,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Certificate(reason) => reason.as_str(),
+            RefusalReason::TlsHandshake => "tls_handshake",
+            RefusalReason::HandshakeTimeout => "handshake_timeout",
+            RefusalReason::ConnectTimeout => "connect_timeout",
+            RefusalReason::ProtocolError => "protocol_error",
+            RefusalReason::UnsupportedProtocol => "unsupported_protocol",
+            RefusalReason::ClientIdMismatch => "client_id_mismatch",
+            RefusalReason::InvalidDeviceId => "invalid_device_id",
+            RefusalReason::UnknownCredential => "unknown_credential",
+            RefusalReason::CredentialRevoked => "credential_revoked",
+            RefusalReason::DeviceRevoked => "device_revoked",
+            RefusalReason::BadPassword => "bad_password",
+            RefusalReason::NotAllowlisted => "not_allowlisted",
+            RefusalReason::WillTopicDenied => "will_topic_denied",
+            RefusalReason::StoreUnavailable => "store_unavailable",
+            RefusalReason::TooManyConnections => "too_many_connections",
+            RefusalReason::BrokerRefused => "broker_refused",
+        }
+    }
+
+    /// CONNACK return code sent for this refusal (when it happens after the TLS handshake).
+    pub fn connack_code(self) -> u8 {
+        match self {
+            RefusalReason::UnsupportedProtocol => connack::BAD_PROTOCOL_VERSION,
+            RefusalReason::BadPassword => connack::BAD_USERNAME_OR_PASSWORD,
+            RefusalReason::StoreUnavailable | RefusalReason::TooManyConnections => {
+                connack::SERVER_UNAVAILABLE
+            }
+            _ => connack::NOT_AUTHORIZED,
+        }
+    }
+}
+
+/// A refused connection, with what is known of who it was.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    /// Device id (or admin name) claimed by the certificate or the client id, when known.
+    pub claimed_id: Option<String>,
+    pub detail: String,
+}
+
+impl Refusal {
+    pub fn new(reason: RefusalReason, claimed_id: Option<&str>, detail: impl Into<String>) -> Self {
+        Refusal {
+            reason,
+            claimed_id: claimed_id.map(str::to_owned),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<CertRefusal> for Refusal {
+    fn from(r: CertRefusal) -> Self {
+        Refusal {
+            reason: RefusalReason::Certificate(r.reason),
+            claimed_id: r.subject_cn,
+            detail: r.detail,
+        }
+    }
+}
+
+/// An authenticated connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub principal: Principal,
+    /// Serial of the credential used: factory certificate (bootstrap), operational certificate
+    /// or password credential (device), admin certificate (admin).
+    pub serial: String,
+    /// The device is `enrolling` and this is the credential its activation waits for.
+    pub awaiting_activation: bool,
+    /// First connect with this credential (a renewed certificate taking over).
+    pub first_use: bool,
+}
+
+/// Decides identities. Shared by every connection.
+pub struct Authenticator {
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub device_id_pattern: Regex,
+    pub mode: EnrollmentMode,
+}
+
+fn unavailable(id: &str, e: StoreError) -> Refusal {
+    Refusal::new(RefusalReason::StoreUnavailable, Some(id), e.to_string())
+}
+
+impl Authenticator {
+    /// Who is this CONNECT, given what the TLS layer established?
+    pub async fn authenticate(
+        &self,
+        listener: Listener,
+        peer: Option<&PeerCert>,
+        packet: &ConnectPacket,
+    ) -> Result<Identity, Refusal> {
+        let client_id = packet.connect.client_id.as_str();
+        let identity = match (listener, peer) {
+            (Listener::Mtls, Some(peer)) => self.certificate(peer, client_id).await?,
+            (Listener::Mtls, None) => {
+                return Err(Refusal::new(
+                    RefusalReason::Certificate(CertRefusalReason::NoCertificate),
+                    Some(client_id),
+                    "no client certificate",
+                ))
+            }
+            (Listener::Password, _) => self.password(packet).await?,
+        };
+        if let Some(will) = &packet.will {
+            let topic = String::from_utf8_lossy(&will.topic);
+            if let rules::Decision::Deny(why) =
+                rules::allowed(&identity.principal, Action::Publish, &topic)
+            {
+                self.metrics
+                    .acl_denied
+                    .with_label_values(&[identity.principal.role.as_str(), "publish"])
+                    .inc();
+                return Err(Refusal::new(
+                    RefusalReason::WillTopicDenied,
+                    Some(&identity.principal.id),
+                    format!("will topic {topic:?}: {why}"),
+                ));
+            }
+        }
+        Ok(identity)
+    }
+
+    fn check_device_id(&self, id: &str) -> Result<(), Refusal> {
+        if self.device_id_pattern.is_match(id) {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                RefusalReason::InvalidDeviceId,
+                Some(id),
+                format!(
+                    "device id {id:?} does not match {}",
+                    self.device_id_pattern.as_str()
+                ),
+            ))
+        }
+    }
+
+    async fn certificate(&self, peer: &PeerCert, client_id: &str) -> Result<Identity, Refusal> {
+        match peer.role {
+            Role::Admin => {
+                let name = peer.common_name.clone().unwrap_or_default();
+                if name.is_empty() {
+                    return Err(Refusal::new(
+                        RefusalReason::Certificate(CertRefusalReason::Malformed),
+                        None,
+                        "admin certificate without a common name",
+                    ));
+                }
+                Ok(Identity {
+                    principal: Principal {
+                        role: Role::Admin,
+                        id: name,
+                    },
+                    serial: peer.serial.clone(),
+                    awaiting_activation: false,
+                    first_use: false,
+                })
+            }
+            Role::Bootstrap => {
+                // The device id is the CN, or a SAN, and must be the client id.
+                let named = peer.common_name.as_deref() == Some(client_id)
+                    || peer.alt_names.iter().any(|n| n == client_id);
+                if !named {
+                    let cn = peer.common_name.as_deref();
+                    return Err(Refusal::new(
+                        RefusalReason::ClientIdMismatch,
+                        cn.or(Some(client_id)),
+                        format!("client id {client_id:?} is not the certificate's CN or a SAN"),
+                    ));
+                }
+                self.check_device_id(client_id)?;
+                let device = self
+                    .metrics
+                    .store_op("device", self.store.device(client_id))
+                    .await
+                    .map_err(|e| unavailable(client_id, e))?;
+                match device {
+                    Some(d) if d.state == DeviceState::Revoked => {
+                        return Err(Refusal::new(
+                            RefusalReason::DeviceRevoked,
+                            Some(client_id),
+                            "device is revoked",
+                        ))
+                    }
+                    None if self.mode == EnrollmentMode::Allowlist => {
+                        return Err(Refusal::new(
+                            RefusalReason::NotAllowlisted,
+                            Some(client_id),
+                            "allowlist mode and the device is not registered",
+                        ))
+                    }
+                    _ => {}
+                }
+                Ok(Identity {
+                    principal: Principal {
+                        role: Role::Bootstrap,
+                        id: client_id.to_owned(),
+                    },
+                    serial: peer.serial.clone(),
+                    awaiting_activation: false,
+                    first_use: false,
+                })
+            }
+            Role::Device => {
+                let cn = peer.common_name.as_deref().unwrap_or_default();
+                if cn != client_id {
+                    return Err(Refusal::new(
+                        RefusalReason::ClientIdMismatch,
+                        Some(cn),
+                        format!("client id {client_id:?} is not the certificate's CN {cn:?}"),
+                    ));
+                }
+                self.check_device_id(cn)?;
+                self.operational(cn, &peer.serial, CredentialKind::Certificate)
+                    .await
+            }
+        }
+    }
+
+    /// Checks shared by operational certificates and passwords: the credential is ours, of
+    /// this device, unrevoked, and the device is not revoked.
+    async fn operational(
+        &self,
+        device_id: &str,
+        serial: &str,
+        kind: CredentialKind,
+    ) -> Result<Identity, Refusal> {
+        let credential = self
+            .metrics
+            .store_op("credential", self.store.credential(serial))
+            .await
+            .map_err(|e| unavailable(device_id, e))?;
+        let Some(credential) = credential.filter(|c| c.device_id == device_id && c.kind == kind)
+        else {
+            return Err(Refusal::new(
+                RefusalReason::UnknownCredential,
+                Some(device_id),
+                format!("credential {serial} is not in the inventory for this device"),
+            ));
+        };
+        if credential.is_revoked() {
+            return Err(Refusal::new(
+                RefusalReason::CredentialRevoked,
+                Some(device_id),
+                format!(
+                    "credential {serial} revoked: {}",
+                    credential
+                        .revoke_reason
+                        .as_deref()
+                        .unwrap_or("no reason recorded")
+                ),
+            ));
+        }
+        let device = self
+            .metrics
+            .store_op("device", self.store.device(device_id))
+            .await
+            .map_err(|e| unavailable(device_id, e))?
+            .ok_or_else(|| {
+                Refusal::new(
+                    RefusalReason::UnknownCredential,
+                    Some(device_id),
+                    "unknown device",
+                )
+            })?;
+        if device.state == DeviceState::Revoked {
+            return Err(Refusal::new(
+                RefusalReason::DeviceRevoked,
+                Some(device_id),
+                "device is revoked",
+            ));
+        }
+        let awaiting_activation = device.state == DeviceState::Enrolling
+            && device.current_serial.as_deref() == Some(serial);
+        Ok(Identity {
+            principal: Principal {
+                role: Role::Device,
+                id: device_id.to_owned(),
+            },
+            serial: serial.to_owned(),
+            awaiting_activation,
+            first_use: credential.activated_at.is_none() && !awaiting_activation,
+        })
+    }
+
+    async fn password(&self, packet: &ConnectPacket) -> Result<Identity, Refusal> {
+        let client_id = packet.connect.client_id.as_str();
+        let Some(login) = &packet.login else {
+            return Err(Refusal::new(
+                RefusalReason::BadPassword,
+                Some(client_id),
+                "no username/password in CONNECT",
+            ));
+        };
+        if login.username != client_id {
+            return Err(Refusal::new(
+                RefusalReason::ClientIdMismatch,
+                Some(&login.username),
+                format!(
+                    "username {:?} is not the client id {client_id:?}",
+                    login.username
+                ),
+            ));
+        }
+        self.check_device_id(client_id)?;
+        let credentials = self
+            .metrics
+            .store_op("credentials_of", self.store.credentials_of(client_id))
+            .await
+            .map_err(|e| unavailable(client_id, e))?;
+        let mut has_password = false;
+        let mut matching = None;
+        for c in credentials
+            .iter()
+            .filter(|c| c.kind == CredentialKind::Password)
+        {
+            has_password = true;
+            let ok = c
+                .password_hash
+                .as_deref()
+                .is_some_and(|h| crate::password::verify(&login.password, h));
+            // Prefer an unrevoked match; a revoked one still tells us why we refuse.
+            if ok && (matching.is_none() || !c.is_revoked()) {
+                matching = Some(c.serial.clone());
+            }
+        }
+        if !has_password {
+            return Err(Refusal::new(
+                RefusalReason::BadPassword,
+                Some(client_id),
+                "the device holds no password credential",
+            ));
+        }
+        match matching {
+            None => Err(Refusal::new(
+                RefusalReason::BadPassword,
+                Some(client_id),
+                "password does not match",
+            )),
+            Some(serial) => {
+                self.operational(client_id, &serial, CredentialKind::Password)
+                    .await
+            }
+        }
+    }
+}

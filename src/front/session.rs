@@ -1,0 +1,130 @@
+//! Live client connections, so that a revocation can disconnect a device at once and the
+//! enrollment service can tell which factory certificate a bootstrap connection used.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::pki::Role;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    id: u64,
+    role: Role,
+    serial: String,
+    kill: CancellationToken,
+}
+
+/// Registry of open sessions by device id (admins by name).
+#[derive(Default)]
+pub struct Sessions {
+    by_id: DashMap<String, Vec<Entry>>,
+    next: AtomicU64,
+}
+
+/// Removes its session from the registry when dropped.
+pub struct SessionGuard {
+    sessions: Arc<Sessions>,
+    key: String,
+    id: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if let Some(mut entries) = self.sessions.by_id.get_mut(&self.key) {
+            entries.retain(|e| e.id != self.id);
+        }
+        self.sessions
+            .by_id
+            .remove_if(&self.key, |_, v| v.is_empty());
+    }
+}
+
+impl Sessions {
+    /// Register a session; `kill` is cancelled to disconnect it.
+    pub fn register(
+        self: &Arc<Self>,
+        key: &str,
+        role: Role,
+        serial: &str,
+        kill: CancellationToken,
+    ) -> SessionGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.by_id.entry(key.to_owned()).or_default().push(Entry {
+            id,
+            role,
+            serial: serial.to_owned(),
+            kill,
+        });
+        SessionGuard {
+            sessions: self.clone(),
+            key: key.to_owned(),
+            id,
+        }
+    }
+
+    /// Disconnect every session of a device (any role). Returns how many.
+    pub fn disconnect(&self, key: &str) -> usize {
+        self.by_id
+            .get(key)
+            .map(|entries| {
+                entries.iter().for_each(|e| e.kill.cancel());
+                entries.len()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Disconnect the sessions that use one credential.
+    pub fn disconnect_serial(&self, key: &str, serial: &str) -> usize {
+        self.by_id
+            .get(key)
+            .map(|entries| {
+                let matching: Vec<_> = entries.iter().filter(|e| e.serial == serial).collect();
+                matching.iter().for_each(|e| e.kill.cancel());
+                matching.len()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Serial of the certificate of an open session of `key` in `role`.
+    pub fn serial_of(&self, key: &str, role: Role) -> Option<String> {
+        self.by_id
+            .get(key)?
+            .iter()
+            .rev()
+            .find(|e| e.role == role)
+            .map(|e| e.serial.clone())
+    }
+
+    pub fn is_connected(&self, key: &str, role: Role) -> bool {
+        self.by_id
+            .get(key)
+            .is_some_and(|entries| entries.iter().any(|e| e.role == role))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disconnect_cancels_and_guard_unregisters() {
+        let sessions = Arc::new(Sessions::default());
+        let kill = CancellationToken::new();
+        let guard = sessions.register("d1", Role::Device, "aa", kill.clone());
+        assert!(sessions.is_connected("d1", Role::Device));
+        assert_eq!(
+            sessions.serial_of("d1", Role::Device).as_deref(),
+            Some("aa")
+        );
+        assert_eq!(sessions.disconnect_serial("d1", "bb"), 0);
+        assert!(!kill.is_cancelled());
+        assert_eq!(sessions.disconnect("d1"), 1);
+        assert!(kill.is_cancelled());
+        drop(guard);
+        assert!(!sessions.is_connected("d1", Role::Device));
+        assert_eq!(sessions.disconnect("d1"), 0);
+    }
+}

@@ -1,0 +1,329 @@
+//! One running `onboard serve`: PKI, store, broker, front listeners, enrollment, lifecycle and
+//! the metrics endpoint, wired together. [`Gateway::start`] returns once every listener is
+//! bound, with their actual addresses (port 0 in the configuration picks a free port).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Admin;
+use crate::audit::Auditor;
+use crate::broker::{Broker, Inbox};
+use crate::config::Config;
+use crate::enroll::Enroller;
+use crate::front::identity::{Authenticator, Listener};
+use crate::front::session::Sessions;
+use crate::front::{Front, FrontHooks};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::{self, Metrics};
+use crate::pki::Pki;
+use crate::store::{self, Store};
+use crate::templates::Templates;
+
+/// Enrollment requests processed at once; more wait their turn.
+const ENROLL_CONCURRENCY: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error(transparent)]
+    Templates(#[from] crate::templates::TemplateError),
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid device id pattern: {0}")]
+    Pattern(#[from] regex::Error),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub mtls_addr: SocketAddr,
+    pub password_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// The broker's loopback listener (refuses anything but the front).
+    pub internal_addr: SocketAddr,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub pki: Arc<Pki>,
+    pub sessions: Arc<Sessions>,
+    pub lifecycle: Arc<Lifecycle>,
+    /// Whether this start created a development PKI.
+    pub created_pki: bool,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Whether `dir` holds no PKI at all (then `serve` creates a development one).
+fn pki_is_empty(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Err(_) => true,
+        Ok(entries) => !entries.flatten().any(|e| {
+            e.path()
+                .extension()
+                .is_some_and(|x| x == "pem" || x == "key")
+        }),
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { what, addr, source })
+}
+
+/// Routes what the front reports to the services that act on it.
+struct Hooks {
+    lifecycle: Arc<Lifecycle>,
+    admin: Arc<Admin>,
+}
+
+impl FrontHooks for Hooks {
+    fn device_reported(&self, device_id: &str, serial: &str) {
+        let lifecycle = self.lifecycle.clone();
+        let (device_id, serial) = (device_id.to_owned(), serial.to_owned());
+        let at = time::OffsetDateTime::now_utc();
+        tokio::spawn(async move { lifecycle.activate(&device_id, &serial, at).await });
+    }
+
+    fn credential_first_use(&self, device_id: &str, serial: &str) {
+        let admin = self.admin.clone();
+        let (device_id, serial) = (device_id.to_owned(), serial.to_owned());
+        tokio::spawn(async move { admin.renewed_credential_used(&device_id, &serial).await });
+    }
+
+    fn admin_command(&self, admin: &str, topic: &str, payload: Bytes) {
+        let service = self.admin.clone();
+        let (actor, topic) = (admin.to_owned(), topic.to_owned());
+        tokio::spawn(async move { service.command(&actor, &topic, &payload).await });
+    }
+}
+
+impl Gateway {
+    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        let created_pki = if pki_is_empty(&config.pki.dir) {
+            let report = Pki::init(&config.pki)?;
+            let files: Vec<String> = report
+                .created
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            tracing::warn!(dir = %config.pki.dir.display(), files = ?files, "NO PKI FOUND: created a DEVELOPMENT PKI (self-signed CAs). Do not use it in production.");
+            true
+        } else {
+            false
+        };
+        let pki = Arc::new(Pki::load(&config.pki)?);
+        let templates = Templates::load(&config.enrollment.templates_dir)?;
+        let store = store::open(&config.store).await?;
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+
+        let (broker, inbox) = Broker::start(&config.broker, &config.server).await?;
+        let sessions = Arc::new(Sessions::default());
+        let audit = Auditor::start(store.clone(), broker.link.clone(), metrics.clone());
+        let lifecycle = Arc::new(Lifecycle::new(
+            store.clone(),
+            metrics.clone(),
+            audit.clone(),
+            broker.link.clone(),
+            sessions.clone(),
+            Duration::from_secs(config.enrollment.activation_timeout_secs),
+            Duration::from_millis(config.lifecycle.sweep_interval_ms.max(10)),
+            config.store.pending_queue,
+        ));
+        let admin = Arc::new(Admin::new(
+            pki.clone(),
+            store.clone(),
+            metrics.clone(),
+            audit.clone(),
+            broker.link.clone(),
+            sessions.clone(),
+            config.lifecycle.clone(),
+        ));
+        let enroller = Arc::new(Enroller::new(
+            pki.clone(),
+            store.clone(),
+            metrics.clone(),
+            audit.clone(),
+            broker.link.clone(),
+            sessions.clone(),
+            lifecycle.clone(),
+            templates,
+            config.enrollment.clone(),
+        ));
+
+        // rumqttd keeps nothing across restarts: republish what the store says is retained.
+        let republished = admin.republish_retained().await?;
+        let watching = lifecycle.restore().await?;
+        tracing::info!(
+            republished,
+            watching,
+            "retained state restored from the store"
+        );
+        metrics.refresh_device_gauge(store.as_ref()).await;
+
+        let front = Arc::new(Front {
+            pki: pki.clone(),
+            auth: Authenticator {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                device_id_pattern: regex::Regex::new(&config.pki.device_id_pattern)?,
+                mode: config.enrollment.mode,
+            },
+            metrics: metrics.clone(),
+            audit: audit.clone(),
+            sessions: sessions.clone(),
+            hooks: Arc::new(Hooks {
+                lifecycle: lifecycle.clone(),
+                admin: admin.clone(),
+            }),
+            broker_addr: broker.internal_addr,
+            broker_secret: broker.secret.clone(),
+            handshake_timeout: Duration::from_millis(config.server.handshake_timeout_ms),
+            connect_timeout: Duration::from_millis(config.server.connect_timeout_ms),
+            max_packet: config.broker.max_payload_size,
+            connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
+        });
+
+        let mtls = bind("mTLS listener", config.server.mtls_listen).await?;
+        let password = bind("password listener", config.server.password_listen).await?;
+        let http = bind("metrics listener", config.server.metrics_listen).await?;
+        let local = |l: &TcpListener, fallback: SocketAddr| l.local_addr().unwrap_or(fallback);
+        let mtls_addr = local(&mtls, config.server.mtls_listen);
+        let password_addr = local(&password, config.server.password_listen);
+        let metrics_addr = local(&http, config.server.metrics_listen);
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(front.clone().serve(
+            mtls,
+            Listener::Mtls,
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(front.clone().serve(
+            password,
+            Listener::Password,
+            shutdown.clone(),
+        )));
+        let http_state = metrics::HttpState {
+            metrics: metrics.clone(),
+            store: store.clone(),
+        };
+        let http_shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = metrics::serve(http, http_state, http_shutdown).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        }));
+        tasks.push(tokio::spawn(lifecycle.clone().run(shutdown.clone())));
+        tasks.push(tokio::spawn(dispatch(
+            inbox,
+            enroller.clone(),
+            admin.clone(),
+            shutdown.clone(),
+        )));
+        let prune_shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = prune_shutdown.cancelled() => return,
+                    _ = tick.tick() => enroller.prune(),
+                }
+            }
+        }));
+        tracing::info!(%mtls_addr, %password_addr, %metrics_addr, store = store.backend(), "gateway listening");
+        Ok(Gateway {
+            mtls_addr,
+            password_addr,
+            metrics_addr,
+            internal_addr: broker.internal_addr,
+            store,
+            metrics,
+            pki,
+            sessions,
+            lifecycle,
+            created_pki,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// A token that stops the gateway when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stop accepting, close every client connection, and wait for the tasks to end.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+/// Route what devices publish on the gateway's topics. The topic's device id is authenticated:
+/// the front lets only device D publish under `enroll/D/` and `devices/D/`.
+async fn dispatch(
+    mut inbox: Inbox,
+    enroller: Arc<Enroller>,
+    admin: Arc<Admin>,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(ENROLL_CONCURRENCY));
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = inbox.recv() => match m { Some(m) => m, None => return },
+        };
+        let mut levels = message.topic.splitn(3, '/');
+        let (Some(root), Some(device_id), Some(rest)) =
+            (levels.next(), levels.next(), levels.next())
+        else {
+            continue;
+        };
+        let device_id = device_id.to_owned();
+        match (root, rest) {
+            ("enroll", "request") => {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let enroller = enroller.clone();
+                tokio::spawn(async move {
+                    enroller.handle(&device_id, &message.payload).await;
+                    drop(permit);
+                });
+            }
+            ("devices", "config/ack") => {
+                let admin = admin.clone();
+                tokio::spawn(async move { admin.config_ack(&device_id, &message.payload).await });
+            }
+            ("devices", "firmware/status") => {
+                let admin = admin.clone();
+                tokio::spawn(
+                    async move { admin.firmware_status(&device_id, &message.payload).await },
+                );
+            }
+            ("devices", "cert/renew") => {
+                let admin = admin.clone();
+                tokio::spawn(async move { admin.renew(&device_id, &message.payload).await });
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Prometheus metrics and the operators' HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! One [`Metrics`] value owns its own registry (so several gateways can run in one test
+//! process) and is shared by every module as `Arc<Metrics>`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::store::Store;
+
+/// Every metric the gateway exports. Names are part of the product contract.
+pub struct Metrics {
+    registry: Registry,
+    /// `result` = accepted | rejected | duplicate; `reason` = error code or `none`.
+    pub enrollment_requests: IntCounterVec,
+    /// From request received to response published.
+    pub enrollment_duration: Histogram,
+    pub activations: IntCounter,
+    /// From credential issued to first report over it.
+    pub activation_duration: Histogram,
+    pub activation_timeouts: IntCounter,
+    /// `reason` = why a connection was refused.
+    pub auth_failures: IntCounterVec,
+    /// `role`, `action` = subscribe | publish.
+    pub acl_denied: IntCounterVec,
+    /// Devices in the inventory by `state`.
+    pub devices: IntGaugeVec,
+    /// Open client connections by `role`.
+    pub connections: IntGaugeVec,
+    /// `kind` = csr | generated.
+    pub certificates_issued: IntCounterVec,
+    /// `target` = config | enrollment, `trigger` = auto | admin | timeout.
+    pub rollbacks: IntCounterVec,
+    /// `op` = the store operation that failed.
+    pub store_errors: IntCounterVec,
+    pub store_latency: HistogramVec,
+    /// Activation marks that could not be queued while the store was down.
+    pub activation_queue_dropped: IntCounter,
+    /// Operational certificates that expire within 30 days.
+    pub certificates_expiring: IntGauge,
+    /// `result` = ok | error; admin commands answered.
+    pub admin_commands: IntCounterVec,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+/// Seconds, from 0.5 ms to 10 s.
+fn fast_buckets() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    // The registrations below use fixed, valid names: a failure is a programming error.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let r = &registry;
+        let store_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "onboard_store_latency_seconds",
+                "Latency of inventory store operations",
+            )
+            .buckets(fast_buckets()),
+            &["op"],
+        )
+        .unwrap_or_else(|e| panic!("metric onboard_store_latency_seconds: {e}"));
+        registry
+            .register(Box::new(store_latency.clone()))
+            .unwrap_or_else(|e| panic!("metric onboard_store_latency_seconds: {e}"));
+        let certificates_expiring = IntGauge::new(
+            "onboard_certificates_expiring",
+            "Unrevoked operational certificates that expire within 30 days",
+        )
+        .unwrap_or_else(|e| panic!("metric onboard_certificates_expiring: {e}"));
+        registry
+            .register(Box::new(certificates_expiring.clone()))
+            .unwrap_or_else(|e| panic!("metric onboard_certificates_expiring: {e}"));
+        Metrics {
+            enrollment_requests: counter_vec(
+                r,
+                "onboard_enrollment_requests_total",
+                "Enrollment requests by result and rejection reason",
+                &["result", "reason"],
+            ),
+            enrollment_duration: histogram(
+                r,
+                "onboard_enrollment_duration_seconds",
+                "Time from an enrollment request to its response",
+                fast_buckets(),
+            ),
+            activations: counter(
+                r,
+                "onboard_activations_total",
+                "Devices that reported over their new credential",
+            ),
+            activation_duration: histogram(
+                r,
+                "onboard_activation_duration_seconds",
+                "Time from credential issued to the device's first report",
+                vec![
+                    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+                ],
+            ),
+            activation_timeouts: counter(
+                r,
+                "onboard_activation_timeouts_total",
+                "Enrollments rolled back because the device did not activate in time",
+            ),
+            auth_failures: counter_vec(
+                r,
+                "onboard_auth_failures_total",
+                "Connections refused, by reason",
+                &["reason"],
+            ),
+            acl_denied: counter_vec(
+                r,
+                "onboard_acl_denied_total",
+                "Publishes and subscriptions refused by the topic rules",
+                &["role", "action"],
+            ),
+            devices: gauge_vec(
+                r,
+                "onboard_devices",
+                "Devices in the inventory by state",
+                &["state"],
+            ),
+            connections: gauge_vec(
+                r,
+                "onboard_connections",
+                "Open client connections by role",
+                &["role"],
+            ),
+            certificates_issued: counter_vec(
+                r,
+                "onboard_certificates_issued_total",
+                "Operational certificates issued",
+                &["kind"],
+            ),
+            rollbacks: counter_vec(
+                r,
+                "onboard_rollbacks_total",
+                "Rollbacks of configurations and enrollments",
+                &["target", "trigger"],
+            ),
+            store_errors: counter_vec(
+                r,
+                "onboard_store_errors_total",
+                "Inventory store operations that failed",
+                &["op"],
+            ),
+            store_latency,
+            activation_queue_dropped: counter(
+                r,
+                "onboard_activation_queue_dropped_total",
+                "Activation marks dropped because the queue for a down store was full",
+            ),
+            certificates_expiring,
+            admin_commands: counter_vec(
+                r,
+                "onboard_admin_commands_total",
+                "Admin commands answered, by command and result",
+                &["command", "result"],
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Time a store operation, counting its failure.
+    pub async fn store_op<T, F>(&self, op: &str, fut: F) -> Result<T, crate::store::StoreError>
+    where
+        F: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    {
+        let timer = self.store_latency.with_label_values(&[op]).start_timer();
+        let result = fut.await;
+        timer.observe_duration();
+        if result.is_err() {
+            self.store_errors.with_label_values(&[op]).inc();
+        }
+        result
+    }
+
+    /// Refresh the `onboard_devices{state}` gauge from the store.
+    pub async fn refresh_device_gauge(&self, store: &dyn Store) {
+        if let Ok(counts) = self
+            .store_op("count_by_state", store.count_by_state())
+            .await
+        {
+            for (state, n) in counts {
+                self.devices.with_label_values(&[state.as_str()]).set(n);
+            }
+        }
+    }
+}
+
+/// Shared state of the HTTP endpoint.
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn Store>,
+}
+
+/// Serve `/metrics`, `/healthz`, `/readyz` on an already-bound listener until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready_handler))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
+    state
+        .metrics
+        .refresh_device_gauge(state.store.as_ref())
+        .await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+async fn ready_handler(State(state): State<HttpState>) -> impl IntoResponse {
+    match state.metrics.store_op("ping", state.store.ping()).await {
+        Ok(()) => (
+            StatusCode::OK,
+            format!("ready: store {} reachable\n", state.store.backend()),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: store {} unreachable: {e}\n",
+                state.store.backend()
+            ),
+        ),
+    }
+}
