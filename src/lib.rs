@@ -34,5 +34,6 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod password;
 pub mod pki;
+pub mod simulate;
 pub mod store;
 pub mod templates;
