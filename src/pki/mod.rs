@@ -275,3 +275,24 @@ pub fn refusal_from_tls_error(error: &std::io::Error) -> Option<CertRefusal> {
     let _ = error;
     todo!()
 }
+
+/// A factory certificate written by [`issue_factory_batch`].
+#[derive(Debug, Clone)]
+pub struct FactoryCredential {
+    pub device_id: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub serial: String,
+}
+
+/// Issue factory certificates for `ids` into `out`.
+pub fn issue_factory_batch(dir: &Path, ids: &[String], out: &Path, options: &CertOptions) -> Result<Vec<FactoryCredential>, PkiError> {
+    let _ = (dir, ids, out, options);
+    todo!()
+}
+
+/// Issue an admin certificate into `out`.
+pub fn issue_admin(dir: &Path, name: &str, out: &Path) -> Result<CertAndKey, PkiError> {
+    let _ = (dir, name, out);
+    todo!()
+}
