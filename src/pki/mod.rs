@@ -24,6 +24,9 @@ mod issue;
 mod tls;
 mod verify;
 
+#[cfg(test)]
+mod tests;
+
 pub use verify::ClientVerifier;
 
 /// The role a client certificate grants, decided by the CA that issued it.
