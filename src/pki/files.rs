@@ -27,12 +27,16 @@ pub(crate) fn bad_file(path: &Path, message: impl Into<String>) -> PkiError {
     }
 }
 
-/// Read a text file of the PKI directory; a missing file is `PkiError::Missing`.
-pub(crate) fn read_text(dir: &Path, path: &Path, what: &'static str) -> Result<String, PkiError> {
+/// Read a text file of the PKI directory. A missing well-known file (`path` is `dir/name`) is
+/// `PkiError::Missing(dir, name)`; any other missing file is an I/O error naming its path.
+pub(crate) fn read_text(dir: &Path, path: &Path, name: &'static str) -> Result<String, PkiError> {
     let meta = match fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(PkiError::Missing(dir.to_path_buf(), what));
+            if !name.is_empty() && path == dir.join(name) {
+                return Err(PkiError::Missing(dir.to_path_buf(), name));
+            }
+            return Err(io_error(path, e));
         }
         Err(e) => return Err(io_error(path, e)),
     };

@@ -204,7 +204,13 @@ impl Issuer {
     pub fn load(dir: &Path, stem: &str) -> Result<Issuer, PkiError> {
         let cert_path = files::stem_path(dir, stem, "pem");
         let key_path = files::stem_path(dir, stem, "key");
-        Issuer::load_files(dir, &cert_path, &key_path, "a CA certificate", "a CA key")
+        let (cert_name, key_name) = match stem {
+            FACTORY_STEM => (FACTORY_CERT, "factory-ca.key"),
+            OPERATIONAL_STEM => (OPERATIONAL_CERT, OPERATIONAL_KEY),
+            ADMIN_STEM => (ADMIN_CERT, "admin-ca.key"),
+            _ => ("", ""),
+        };
+        Issuer::load_files(dir, &cert_path, &key_path, cert_name, key_name)
     }
 
     fn load_files(
@@ -352,9 +358,13 @@ impl Issuer {
 /// A factory certificate written by [`issue_factory_batch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FactoryCredential {
+    /// Device id, the certificate's CN.
     pub device_id: String,
+    /// `<out>/<id>.pem`.
     pub cert_path: PathBuf,
+    /// `<out>/<id>.key` (PKCS#8, mode 0600).
     pub key_path: PathBuf,
+    /// Serial number, lower-case hex as [`PeerCert::serial`].
     pub serial: String,
 }
 
@@ -473,6 +483,7 @@ fn pick_server_ca(
 
 const FACTORY_STEM: &str = "factory-ca";
 const FACTORY_CERT: &str = "factory-ca.pem";
+const OPERATIONAL_STEM: &str = "operational-ca";
 const OPERATIONAL_CERT: &str = "operational-ca.pem";
 const OPERATIONAL_KEY: &str = "operational-ca.key";
 const ADMIN_STEM: &str = "admin-ca";
@@ -579,7 +590,7 @@ impl Pki {
         };
         let mut factory = Vec::new();
         for name in &config.factory_cas {
-            factory.extend(read_certs(name, "factory CA certificate")?);
+            factory.extend(read_certs(name, FACTORY_CERT)?);
         }
         let operational_certs = read_certs(Path::new(OPERATIONAL_CERT), OPERATIONAL_CERT)?;
         let admin = read_certs(Path::new(ADMIN_CERT), ADMIN_CERT)?;

@@ -219,6 +219,11 @@ fn load_reports_missing_and_bad_files() {
         .expect_err("bad admin CA");
     assert!(err.to_string().contains("admin-ca.pem"), "{err}");
 
+    let mut cfg = config(&dir);
+    cfg.factory_cas.push(PathBuf::from("maker-x.pem"));
+    let err = Pki::load(&cfg).map(|_| ()).expect_err("missing maker CA");
+    assert!(err.to_string().contains("maker-x.pem"), "{err}");
+
     std::fs::remove_file(dir.join("operational-ca.key")).expect("remove");
     assert!(matches!(
         Pki::load(&config(&dir)),
