@@ -37,3 +37,4 @@ pub mod pki;
 pub mod simulate;
 pub mod store;
 pub mod templates;
+pub mod cli;
