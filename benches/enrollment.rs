@@ -1,1 +1,113 @@
-fn main() {}
+//! Enrollment throughput: a simulated fleet through the whole zero-touch flow against an
+//! in-process gateway on SQLite, compared in the same run with the bare TLS + MQTT round trip
+//! (admin-certificate connect, one QoS 1 publish, disconnect) at the same concurrency.
+//!
+//! Sizes: `ONBOARD_BENCH_DEVICES` (default 2000), `ONBOARD_BENCH_CONCURRENCY` (default 64).
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{env_usize, Bench, HOST};
+use onboard::simulate::{self, SimCredential, SimReport};
+
+fn main() {
+    common::runtime().block_on(bench());
+}
+
+async fn bench() {
+    let devices = env_usize("ONBOARD_BENCH_DEVICES", 2000).max(1);
+    let concurrency = env_usize("ONBOARD_BENCH_CONCURRENCY", 64).max(1);
+    let bench = Bench::start().await;
+    println!("enrollment: {devices} devices, concurrency {concurrency}, SQLite store, loopback");
+
+    // Warm-up: first connections, SQLite pages, allocator.
+    let warm = bench.sim_options(
+        "warm-",
+        concurrency.min(devices),
+        concurrency,
+        SimCredential::Csr,
+    );
+    simulate::run(warm, None).await.expect("warm-up runs");
+
+    let csr = run_fleet(&bench, "csr-", devices, concurrency, SimCredential::Csr).await;
+    let generated = run_fleet(
+        &bench,
+        "gen-",
+        devices,
+        concurrency,
+        SimCredential::Generated,
+    )
+    .await;
+    let (baseline, baseline_failed) = bare_round_trips(&bench, devices, concurrency).await;
+
+    println!();
+    println!(
+        "baseline     bare mTLS connect + QoS 1 publish + disconnect: {baseline:.1} round trips/s ({baseline_failed} failed)"
+    );
+    for (name, report) in [("csr", &csr), ("generated", &generated)] {
+        println!(
+            "ratio        {name}: enrolled/s / bare round trips/s = {:.3} (one enrollment costs {:.1} bare round trips)",
+            report.enrolled_per_sec() / baseline,
+            baseline / report.enrolled_per_sec()
+        );
+    }
+    bench.stop().await;
+}
+
+async fn run_fleet(
+    bench: &Bench,
+    prefix: &str,
+    devices: usize,
+    concurrency: usize,
+    credential: SimCredential,
+) -> SimReport {
+    let report = simulate::run(
+        bench.sim_options(prefix, devices, concurrency, credential),
+        None,
+    )
+    .await
+    .expect("simulation runs");
+    println!("\n[{credential}]\n{report}");
+    report
+}
+
+/// `n` admin-certificate round trips with `concurrency` in flight; returns round trips/s and
+/// the number that failed.
+async fn bare_round_trips(bench: &Bench, n: usize, concurrency: usize) -> (f64, u64) {
+    let tls = bench.tls(&bench.admin("bench-admin"));
+    let port = bench.gw.mtls_addr.port();
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.min(n) {
+        let (tls, next, failed) = (tls.clone(), next.clone(), failed.clone());
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let options = simulate::mqtt_options(&format!("base-{i}"), HOST, port, tls.clone());
+                let topic = format!("devices/base-{i:06}/commands/ping");
+                let outcome = simulate::publish_round_trip(
+                    options,
+                    &topic,
+                    b"{\"seq\":0}".to_vec(),
+                    Duration::from_secs(30),
+                )
+                .await;
+                if outcome.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = started.elapsed().as_secs_f64();
+    let failed = failed.load(Ordering::Relaxed);
+    ((n as u64 - failed) as f64 / elapsed, failed)
+}

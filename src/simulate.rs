@@ -323,7 +323,9 @@ pub fn client_tls_config(
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         let cert = cert.map_err(|e| format!("CA PEM: {e}"))?;
-        roots.add(cert).map_err(|e| format!("CA certificate: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("CA certificate: {e}"))?;
     }
     if roots.is_empty() {
         return Err("no CA certificate to trust".into());
@@ -658,9 +660,12 @@ impl Simulator {
         };
 
         let phase = Phase::BootstrapConnect;
-        let mut conn =
-            Connection::open(mqtt_options(device_id, &o.host, o.port, tls), deadline, phase)
-                .await?;
+        let mut conn = Connection::open(
+            mqtt_options(device_id, &o.host, o.port, tls),
+            deadline,
+            phase,
+        )
+        .await?;
         let response_topic = format!("enroll/{device_id}/response");
         conn.subscribe(
             &response_topic,
@@ -681,7 +686,8 @@ impl Simulator {
         if let Some((csr, _)) = &own_key {
             request["csr"] = json!(csr);
         }
-        let payload = serde_json::to_vec(&request).map_err(|e| DeviceFailure::Local(e.to_string()))?;
+        let payload =
+            serde_json::to_vec(&request).map_err(|e| DeviceFailure::Local(e.to_string()))?;
         let requested_at = Instant::now();
         conn.client
             .publish(
@@ -693,7 +699,9 @@ impl Simulator {
             .await
             .map_err(|e| DeviceFailure::Local(e.to_string()))?;
         let response = loop {
-            let p = conn.recv_on(&response_topic, deadline, Phase::Response).await?;
+            let p = conn
+                .recv_on(&response_topic, deadline, Phase::Response)
+                .await?;
             let v: Value = serde_json::from_slice(&p.payload)
                 .map_err(|e| DeviceFailure::BadResponse(format!("not JSON: {e}")))?;
             // An answer to another request id (an earlier attempt) is not ours.
@@ -799,7 +807,10 @@ fn parse_response(
             return Err(DeviceFailure::BadResponse(format!("status {other:?}")));
         }
     }
-    if response["device_id"].as_str().is_some_and(|d| d != device_id) {
+    if response["device_id"]
+        .as_str()
+        .is_some_and(|d| d != device_id)
+    {
         return Err(DeviceFailure::BadResponse(format!(
             "device_id {:?}",
             response["device_id"]
@@ -1073,7 +1084,10 @@ impl SimulateArgs {
                 .device_type
                 .clone()
                 .unwrap_or_else(|| config.enrollment.default_device_type.clone()),
-            pki_dir: self.pki_dir.clone().unwrap_or_else(|| config.pki.dir.clone()),
+            pki_dir: self
+                .pki_dir
+                .clone()
+                .unwrap_or_else(|| config.pki.dir.clone()),
             telemetry_messages: self.telemetry,
             timeout: Duration::from_secs(self.timeout_secs.max(1)),
         }
@@ -1119,13 +1133,17 @@ mod tests {
         let password = json!({ "status": "accepted", "device_id": "d1",
             "credential": { "type": "password", "username": "d1", "password": "p" } });
         assert!(matches!(
-            parse_response("d1", &password, None).expect("accepted").credential,
+            parse_response("d1", &password, None)
+                .expect("accepted")
+                .credential,
             OperationalCredential::Password { .. }
         ));
         let other = json!({ "status": "accepted", "device_id": "d2",
             "credential": { "type": "password", "username": "d2", "password": "p" } });
         assert_eq!(
-            parse_response("d1", &other, None).expect_err("wrong id").reason(),
+            parse_response("d1", &other, None)
+                .expect_err("wrong id")
+                .reason(),
             "bad_response"
         );
     }
