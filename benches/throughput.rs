@@ -12,6 +12,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,10 +44,35 @@ async fn bench() {
         warmup.as_secs_f64()
     );
 
-    let bench = Bench::start().await;
-    let bare = common::start_bare_broker().await;
+    let mut lines = Vec::new();
+    for (name, qos) in [("QoS 0", QoS::AtMostOnce), ("QoS 1", QoS::AtLeastOnce)] {
+        // Fresh brokers for every case: what one case leaves behind cannot slow the next.
+        let bare = common::start_bare_broker().await;
+        let bare_rate = measure(
+            bare_setup(bare, publishers, subscribers),
+            qos,
+            warmup,
+            window,
+        )
+        .await;
+        println!("{name} bare rumqttd (plaintext):  {bare_rate:>12.0} deliveries/s");
+        let bench = Bench::start().await;
+        let setup = front_setup(&bench, publishers, subscribers).await;
+        let front_rate = measure(setup, qos, warmup, window).await;
+        println!("{name} gateway (TLS via front):   {front_rate:>12.0} deliveries/s");
+        bench.stop().await;
+        lines.push(format!(
+            "{name} front/bare ratio: {:.3}",
+            front_rate / bare_rate.max(1.0)
+        ));
+    }
+    for line in lines {
+        println!("{line}");
+    }
+}
 
-    // Publishers through the gateway are enrolled, activated devices.
+/// Through the gateway: enrolled, activated devices publish; admin clients subscribe.
+async fn front_setup(bench: &Bench, publishers: usize, subscribers: usize) -> Setup {
     let sim = Simulator::new(bench.sim_options("pub-", publishers, 1, SimCredential::Csr))
         .expect("simulator");
     let mut devices: Vec<EnrolledDevice> = Vec::with_capacity(publishers);
@@ -62,9 +88,8 @@ async fn bench() {
         devices.push(device);
     }
     let admin_tls = bench.tls(&bench.admin("bench-admin"));
-    let front_port = bench.gw.mtls_addr.port();
-
-    let front = || Setup {
+    let port = bench.gw.mtls_addr.port();
+    Setup {
         publishers: devices
             .iter()
             .map(|d| {
@@ -74,49 +99,33 @@ async fn bench() {
             .collect(),
         subscribers: (0..subscribers)
             .map(|k| {
-                simulate::mqtt_options(
-                    &format!("bench-sub-{k}"),
-                    HOST,
-                    front_port,
-                    admin_tls.clone(),
-                )
+                simulate::mqtt_options(&format!("bench-sub-{k}"), HOST, port, admin_tls.clone())
             })
             .collect(),
-    };
-    let plain = |id: &str| {
-        let mut o = MqttOptions::new(id, HOST, bare.port());
-        o.set_keep_alive(Duration::from_secs(60));
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        o
-    };
-    let bare_setup = || Setup {
+    }
+}
+
+fn plain(id: &str, bare: SocketAddr) -> MqttOptions {
+    let mut o = MqttOptions::new(id, HOST, bare.port());
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o
+}
+
+/// Bare rumqttd: the same pattern over plaintext.
+fn bare_setup(bare: SocketAddr, publishers: usize, subscribers: usize) -> Setup {
+    Setup {
         publishers: (0..publishers)
             .map(|k| {
                 let id = format!("bare-pub-{k}");
                 let topic = format!("devices/{id}/telemetry");
-                (plain(&id), topic)
+                (plain(&id, bare), topic)
             })
             .collect(),
         subscribers: (0..subscribers)
-            .map(|k| plain(&format!("bare-sub-{k}")))
+            .map(|k| plain(&format!("bare-sub-{k}"), bare))
             .collect(),
-    };
-
-    let mut lines = Vec::new();
-    for (name, qos) in [("QoS 0", QoS::AtMostOnce), ("QoS 1", QoS::AtLeastOnce)] {
-        let bare_rate = measure(bare_setup(), qos, warmup, window).await;
-        println!("{name} bare rumqttd (plaintext):  {bare_rate:>12.0} deliveries/s");
-        let front_rate = measure(front(), qos, warmup, window).await;
-        println!("{name} gateway (TLS via front):   {front_rate:>12.0} deliveries/s");
-        lines.push(format!(
-            "{name} front/bare ratio: {:.3}",
-            front_rate / bare_rate.max(1.0)
-        ));
     }
-    for line in lines {
-        println!("{line}");
-    }
-    bench.stop().await;
 }
 
 /// Connect and wait for the CONNACK.
@@ -133,9 +142,12 @@ async fn connect(options: MqttOptions, cap: usize) -> (AsyncClient, EventLoop) {
     }
 }
 
-/// Deliveries per second over `window`, after `warmup`.
+/// Deliveries per second over `window`, after `warmup` (also prints the publish rate the
+/// publishers' clients accepted, and which share of the fan-out was delivered).
 async fn measure(setup: Setup, qos: QoS, warmup: Duration, window: Duration) -> f64 {
     let delivered = Arc::new(AtomicU64::new(0));
+    let published = Arc::new(AtomicU64::new(0));
+    let fan_out = setup.subscribers.len() as f64;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     let mut clients = Vec::new();
@@ -167,6 +179,7 @@ async fn measure(setup: Setup, qos: QoS, warmup: Duration, window: Duration) -> 
         let (client, mut eventloop) = connect(options, 1024).await;
         tasks.spawn(async move { while eventloop.poll().await.is_ok() {} });
         let stop = stop.clone();
+        let published = published.clone();
         let publisher = client.clone();
         tasks.spawn(async move {
             let payload = vec![b'x'; PAYLOAD];
@@ -178,6 +191,7 @@ async fn measure(setup: Setup, qos: QoS, warmup: Duration, window: Duration) -> 
                 {
                     return;
                 }
+                published.fetch_add(1, Ordering::Relaxed);
             }
         });
         clients.push(client);
@@ -185,20 +199,38 @@ async fn measure(setup: Setup, qos: QoS, warmup: Duration, window: Duration) -> 
 
     tokio::time::sleep(warmup).await;
     let before = delivered.load(Ordering::Relaxed);
+    let published_before = published.load(Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(window).await;
     let after = delivered.load(Ordering::Relaxed);
+    let published_after = published.load(Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
+    let offered = (published_after - published_before) as f64 / elapsed;
+    let rate = (after - before) as f64 / elapsed;
+    println!(
+        "  published {offered:>10.0}/s; delivered {:.1}% of publishes x {fan_out} subscribers",
+        100.0 * rate / (offered * fan_out).max(1.0)
+    );
 
+    // Stop publishing, let the subscribers drain what is queued, then disconnect cleanly:
+    // connections dropped under load can upset rumqttd's router.
     stop.store(true, Ordering::Relaxed);
+    let drain_until = Instant::now() + Duration::from_secs(5);
+    let mut last = delivered.load(Ordering::Relaxed);
+    while Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = delivered.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
     for client in &clients {
         let _ = client.try_disconnect();
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     drop(clients);
-    // Let both brokers drop the closed connections before the next case.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    (after - before) as f64 / elapsed
+    rate
 }

@@ -396,6 +396,8 @@ impl Connection {
             .as_secs()
             .max(1);
         eventloop.network_options.set_connection_timeout(secs);
+        // Small request/response exchanges: no Nagle delay on the device side.
+        eventloop.network_options.set_tcp_nodelay(true);
         loop {
             match tokio::time::timeout_at(deadline, eventloop.poll()).await {
                 Err(_) => return Err(DeviceFailure::Timeout { phase }),

@@ -3,10 +3,13 @@
 
 use std::time::Duration;
 
-use crate::config::Config;
-use crate::simulate::{self, SimulateArgs};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Config;
+use crate::simulate;
+/// The arguments of `onboard simulate` (re-exported for the command definition).
+pub use crate::simulate::SimulateArgs;
 
 /// Run the simulation described by `args` (gaps filled from `config`) and print its report.
 /// Fails when the simulation cannot run, or when any device failed (after printing the report).
