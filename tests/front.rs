@@ -226,7 +226,8 @@ async fn idle_and_slow_sockets_delay_nobody() {
     assert_eq!(t.metric(r#"onboard_auth_failures_total{reason="handshake_timeout"}"#).await, 10.0);
 
     // A TLS session that never sends CONNECT is closed too.
-    let tls = client_tls(&t.server_ca_pem(), Some((&t.admin("mute").certificate_pem, &t.admin("mute").private_key_pem)));
+    let mute = t.admin("mute");
+    let tls = client_tls(&t.server_ca_pem(), Some((&mute.certificate_pem, &mute.private_key_pem)));
     let tcp = tokio::net::TcpStream::connect(t.gw.mtls_addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake");

@@ -585,8 +585,9 @@ pub fn weak_key_client_tls(ca_pem: &str, cert_pem: &str) -> Arc<rustls::ClientCo
     let key = Arc::new(RsaSigner { key: rsa_1024() });
     let certified = Arc::new(rustls::sign::CertifiedKey::new(chain, key));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // TLS 1.3 signs CertificateVerify with RSA-PSS only; 1.2 lets this key use PKCS#1.
     let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS12])
         .expect("protocols")
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(FixedCert(certified)));
