@@ -179,9 +179,40 @@ pub struct Manager {
     target: Target,
     connect_timeout: Duration,
     query_timeout: Duration,
+    /// Why the latest connection attempt failed (cleared by a success). The pool opens
+    /// connections in the background, so a checkout that times out reports this reason.
+    last_error: LastError,
+}
+
+/// The reason the latest connection attempt failed, shared between the pool's manager and the
+/// store (bb8 does not hand its manager out).
+#[derive(Debug, Clone, Default)]
+pub struct LastError(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl LastError {
+    /// The reason, if the latest attempt failed.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn set(&self, reason: Option<String>) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = reason;
+        }
+    }
 }
 
 impl Manager {
+    /// A handle on the reason the latest connection attempt failed.
+    pub fn last_error(&self) -> LastError {
+        self.last_error.clone()
+    }
+
+    fn remember(&self, result: &StoreResult<Connection>) {
+        self.last_error
+            .set(result.as_ref().err().map(ToString::to_string));
+    }
+
     pub fn new(
         config: Config,
         target: Target,
@@ -198,6 +229,7 @@ impl Manager {
             target,
             connect_timeout,
             query_timeout,
+            last_error: LastError::default(),
         }
     }
 
@@ -250,14 +282,16 @@ impl bb8::ManageConnection for Manager {
     type Error = StoreError;
 
     async fn connect(&self) -> Result<Connection, StoreError> {
-        match tokio::time::timeout(self.connect_timeout, self.open()).await {
+        let result = match tokio::time::timeout(self.connect_timeout, self.open()).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable(format!(
                 "connect to {}: no answer within {} ms",
                 self.target,
                 self.connect_timeout.as_millis()
             ))),
-        }
+        };
+        self.remember(&result);
+        result
     }
 
     async fn is_valid(&self, conn: &mut Connection) -> Result<(), StoreError> {

@@ -28,7 +28,7 @@ use futures::future::BoxFuture;
 use tiberius::ToSql;
 use time::OffsetDateTime;
 
-use self::conn::{Connection, Manager};
+use self::conn::{Connection, LastError, Manager};
 use self::rows::{
     int64, json_text, to_db_time, CONFIG_COLUMNS, CREDENTIAL_COLUMNS, DEVICE_COLUMNS,
     EVENT_COLUMNS, FIRMWARE_COLUMNS,
@@ -52,6 +52,8 @@ pub struct MssqlStore {
     max_retries: u32,
     /// Bound on a pool checkout.
     checkout_timeout: Duration,
+    /// Why the pool's latest connection attempt failed, for checkout time-out messages.
+    last_connect_error: LastError,
 }
 
 impl std::fmt::Debug for MssqlStore {
@@ -93,11 +95,13 @@ impl MssqlStore {
             connect_timeout,
             query_timeout,
         );
+        let last_connect_error = manager.last_error();
         let pool = bb8::Pool::builder()
             .max_size(config.pool_size.max(1))
             .connection_timeout(connect_timeout)
-            // Surface the real connect error to the caller, who retries transient ones.
-            .retry_connection(false)
+            // No `SELECT 1` before every use: a dead connection fails its first statement
+            // with an I/O error, is discarded, and the operation is retried on a new one.
+            .test_on_check_out(false)
             .error_sink(Box::new(LogSink))
             .build_unchecked(manager);
         let store = MssqlStore {
@@ -105,6 +109,7 @@ impl MssqlStore {
             target,
             max_retries: config.max_retries,
             checkout_timeout: connect_timeout,
+            last_connect_error,
         };
         store.migrate(query_timeout).await?;
         tracing::info!(target = %store.target, pool_size = config.pool_size, "SQL Server store ready");
@@ -151,11 +156,18 @@ impl MssqlStore {
     async fn checkout(&self) -> StoreResult<Pooled> {
         self.pool.get_owned().await.map_err(|e| match e {
             bb8::RunError::User(e) => e,
-            bb8::RunError::TimedOut => StoreError::Unavailable(format!(
-                "no connection to {} within {} ms",
-                self.target,
-                self.checkout_timeout.as_millis()
-            )),
+            bb8::RunError::TimedOut => {
+                let why = self
+                    .last_connect_error
+                    .get()
+                    .map(|e| format!(" (last connection attempt: {e})"))
+                    .unwrap_or_default();
+                StoreError::Unavailable(format!(
+                    "no connection to {} within {} ms{why}",
+                    self.target,
+                    self.checkout_timeout.as_millis()
+                ))
+            }
         })
     }
 
@@ -626,6 +638,10 @@ impl Store for MssqlStore {
         let expiring = filter.expiring_before.map(to_db_time);
         let offset = i64::from(filter.offset.unwrap_or(0));
         let limit = filter.limit.map(i64::from);
+        if limit == Some(0) {
+            // `FETCH NEXT 0 ROWS` is an error in T-SQL.
+            return Ok(Vec::new());
+        }
         let sql = device_list_sql(
             state.is_some(),
             device_type.is_some(),
