@@ -121,6 +121,59 @@ pub fn backoff_delay(attempt: u32, rng: &mut impl Rng) -> Duration {
     Duration::from_micros(rng.gen_range(0..=ceiling))
 }
 
+/// What to do after one attempt of an operation.
+#[derive(Debug)]
+pub enum Step<T> {
+    /// Return this to the caller.
+    Done(Result<T, StoreError>),
+    /// Wait this long, then run the whole operation again.
+    RetryAfter(Duration),
+}
+
+/// Retry bookkeeping for one operation: transient failures ([`StoreError::Unavailable`]) are
+/// retried up to `max_retries` times; then the last one is returned, still `Unavailable`,
+/// with the number of attempts added. Every other outcome is returned as is.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    op: &'static str,
+    max_retries: u32,
+    attempt: u32,
+}
+
+impl Retry {
+    pub fn new(op: &'static str, max_retries: u32) -> Self {
+        Retry {
+            op,
+            max_retries,
+            attempt: 0,
+        }
+    }
+
+    /// Retries done so far.
+    pub fn retries(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Decide what follows `result`.
+    pub fn step<T>(&mut self, result: Result<T, StoreError>, rng: &mut impl Rng) -> Step<T> {
+        match result {
+            Err(StoreError::Unavailable(reason)) if self.attempt < self.max_retries => {
+                let delay = backoff_delay(self.attempt, rng);
+                tracing::debug!(op = self.op, attempt = self.attempt, ?delay, %reason, "transient store error; retrying");
+                self.attempt += 1;
+                Step::RetryAfter(delay)
+            }
+            Err(StoreError::Unavailable(reason)) if self.attempt > 0 => {
+                Step::Done(Err(StoreError::Unavailable(format!(
+                    "{reason} (gave up after {} attempts)",
+                    self.attempt + 1
+                ))))
+            }
+            other => Step::Done(other),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +267,49 @@ mod tests {
                 seen.insert(d);
             }
             assert!(seen.len() > 10, "no jitter at attempt {attempt}");
+        }
+    }
+
+    #[test]
+    fn retry_transient_errors_up_to_the_limit() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut retry = Retry::new("op", 3);
+        for attempt in 0..3 {
+            match retry.step::<()>(Err(StoreError::Unavailable("deadlock".into())), &mut rng) {
+                Step::RetryAfter(d) => assert!(d <= backoff_ceiling(attempt)),
+                Step::Done(r) => panic!("gave up early: {r:?}"),
+            }
+        }
+        assert_eq!(retry.retries(), 3);
+        match retry.step::<()>(Err(StoreError::Unavailable("deadlock".into())), &mut rng) {
+            Step::Done(Err(StoreError::Unavailable(m))) => {
+                assert!(m.contains("deadlock") && m.contains("4 attempts"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn retry_never_repeats_permanent_errors_or_successes() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut retry = Retry::new("op", 3);
+        assert!(matches!(retry.step(Ok(5), &mut rng), Step::Done(Ok(5))));
+        for e in [
+            StoreError::Conflict("dup".into()),
+            StoreError::Database("syntax".into()),
+            StoreError::NotFound("x".into()),
+        ] {
+            assert!(matches!(
+                retry.step::<()>(Err(e), &mut rng),
+                Step::Done(Err(_))
+            ));
+        }
+        assert_eq!(retry.retries(), 0);
+        // with no retries allowed, a transient error is returned unchanged
+        let mut retry = Retry::new("op", 0);
+        match retry.step::<()>(Err(StoreError::Unavailable("gone".into())), &mut rng) {
+            Step::Done(Err(StoreError::Unavailable(m))) => assert_eq!(m, "gone"),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -36,6 +36,7 @@ use self::rows::{
 use super::*;
 
 pub use self::errors::{backoff_ceiling, backoff_delay, classify, classify_code, ErrorClass};
+use self::errors::{Retry, Step};
 pub use self::url::{looks_like_mssql, Target};
 
 type Pooled = bb8::PooledConnection<'static, Manager>;
@@ -119,21 +120,20 @@ impl MssqlStore {
     /// Run the migrations on a session of their own: the schema lock it takes is owned by
     /// that session and released at the latest when it closes.
     async fn migrate(&self, query_timeout: Duration) -> StoreResult<()> {
-        let mut attempt = 0;
+        let mut retry = Retry::new("schema migration", self.max_retries);
         loop {
             let result = async {
                 let mut conn = self.pool.dedicated_connection().await?;
                 schema::migrate(&mut conn, query_timeout, MIGRATION_LOCK_WAIT).await
             }
             .await;
-            match result {
-                Err(e) if e.is_transient() && attempt < self.max_retries => {
-                    let delay = backoff_delay(attempt, &mut rand::thread_rng());
-                    tracing::warn!(target = %self.target, error = %e, ?delay, "retrying schema migration");
+            let step = retry.step(result, &mut rand::thread_rng());
+            match step {
+                Step::Done(result) => return result,
+                Step::RetryAfter(delay) => {
+                    tracing::warn!(target = %self.target, ?delay, "retrying schema migration");
                     tokio::time::sleep(delay).await;
-                    attempt += 1;
                 }
-                other => return other,
             }
         }
     }
@@ -177,27 +177,26 @@ impl MssqlStore {
     where
         F: FnMut(Pooled) -> BoxFuture<'f, StoreResult<T>>,
     {
-        let mut attempt = 0u32;
+        let mut retry = Retry::new(op, self.max_retries);
         loop {
             let result = match self.checkout().await {
                 Ok(conn) => f(conn).await,
                 Err(e) => Err(e),
             };
-            match result {
-                Err(StoreError::Unavailable(reason)) => {
-                    if attempt >= self.max_retries {
-                        return Err(StoreError::Unavailable(format!(
-                            "{op} on {}: {reason} (after {} attempts)",
-                            self.target,
-                            attempt + 1
-                        )));
+            let step = retry.step(result, &mut rand::thread_rng());
+            match step {
+                Step::Done(result) => {
+                    if retry.retries() > 0 {
+                        tracing::info!(
+                            op,
+                            retries = retry.retries(),
+                            ok = result.is_ok(),
+                            "store operation retried"
+                        );
                     }
-                    let delay = backoff_delay(attempt, &mut rand::thread_rng());
-                    tracing::debug!(op, attempt, ?delay, %reason, "transient store error; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
+                    return result;
                 }
-                other => return other,
+                Step::RetryAfter(delay) => tokio::time::sleep(delay).await,
             }
         }
     }
