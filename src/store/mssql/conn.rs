@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tiberius::{Client, Config, Row, ToSql};
+use tiberius::{Client, ColumnData, Config, Row, ToSql};
 use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
@@ -12,6 +12,42 @@ use super::url::Target;
 use crate::store::{StoreError, StoreResult};
 
 type TdsClient = Client<Compat<TcpStream>>;
+
+/// Whether a parameter value is NULL. tiberius sends NULL parameters with the untyped NULL wire
+/// type, which Babelfish refuses; statements write absent values as `NULL` literals instead
+/// (see `rows::null_slots`), and this check keeps one from slipping through.
+pub fn is_null(value: &ColumnData<'_>) -> bool {
+    match value {
+        ColumnData::U8(v) => v.is_none(),
+        ColumnData::I16(v) => v.is_none(),
+        ColumnData::I32(v) => v.is_none(),
+        ColumnData::I64(v) => v.is_none(),
+        ColumnData::F32(v) => v.is_none(),
+        ColumnData::F64(v) => v.is_none(),
+        ColumnData::Bit(v) => v.is_none(),
+        ColumnData::String(v) => v.is_none(),
+        ColumnData::Guid(v) => v.is_none(),
+        ColumnData::Binary(v) => v.is_none(),
+        ColumnData::Numeric(v) => v.is_none(),
+        ColumnData::Xml(v) => v.is_none(),
+        ColumnData::DateTime(v) => v.is_none(),
+        ColumnData::SmallDateTime(v) => v.is_none(),
+        ColumnData::Time(v) => v.is_none(),
+        ColumnData::Date(v) => v.is_none(),
+        ColumnData::DateTime2(v) => v.is_none(),
+        ColumnData::DateTimeOffset(v) => v.is_none(),
+    }
+}
+
+fn refuse_null_parameters(context: &str, params: &[&dyn ToSql]) -> StoreResult<()> {
+    match params.iter().position(|p| is_null(&p.to_sql())) {
+        Some(i) => Err(StoreError::Database(format!(
+            "{context}: parameter @P{} is NULL (write absent values as NULL literals)",
+            i + 1
+        ))),
+        None => Ok(()),
+    }
+}
 
 /// A live session to the server.
 pub struct Connection {
@@ -56,6 +92,7 @@ impl Connection {
         sql: &str,
         params: &[&dyn ToSql],
     ) -> StoreResult<u64> {
+        refuse_null_parameters(context, params)?;
         self.busy = true;
         let result =
             tokio::time::timeout(self.query_timeout, self.client.execute(sql, params)).await;
@@ -79,6 +116,7 @@ impl Connection {
         sql: &str,
         params: &[&dyn ToSql],
     ) -> StoreResult<Vec<Row>> {
+        refuse_null_parameters(context, params)?;
         self.busy = true;
         let client = &mut self.client;
         let result = tokio::time::timeout(self.query_timeout, async move {
@@ -300,5 +338,24 @@ impl bb8::ManageConnection for Manager {
 
     fn has_broken(&self, conn: &mut Connection) -> bool {
         conn.is_unusable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_parameters_are_refused_before_sending() {
+        let present: Option<&str> = Some("x");
+        let absent: Option<&str> = None;
+        let n = 5i64;
+        assert!(refuse_null_parameters("t", &[&"a", &n, &present]).is_ok());
+        let err = refuse_null_parameters("t", &[&"a", &absent]).expect_err("null");
+        assert!(err.to_string().contains("@P2"), "{err}");
+        let no_time: Option<time::PrimitiveDateTime> = None;
+        assert!(refuse_null_parameters("t", &[&no_time]).is_err());
+        assert!(is_null(&ColumnData::Binary(None)));
+        assert!(!is_null(&ColumnData::I32(Some(0))));
     }
 }

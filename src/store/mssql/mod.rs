@@ -14,7 +14,9 @@
 //! lost connection) up to `[store] max_retries` times with exponential back-off and full jitter.
 //! The T-SQL sticks to what SQL Server 2017+, Azure SQL and Babelfish all run: no `MERGE`, no
 //! lock hints for correctness (conditional `UPDATE`s and unique keys decide races instead),
-//! columns qualified in `UPDATE ... FROM`, and nullable parameters wrapped in a typed `CAST`.
+//! columns qualified in `UPDATE ... FROM`, and no NULL parameter ever sent: an absent optional
+//! value is written as a typed `CAST(NULL AS ...)` literal in the statement text (see
+//! `rows::null_slots`), never as a value.
 
 mod conn;
 mod errors;
@@ -30,8 +32,8 @@ use time::OffsetDateTime;
 
 use self::conn::{Connection, LastError, Manager};
 use self::rows::{
-    int64, json_text, to_db_time, CONFIG_COLUMNS, CREDENTIAL_COLUMNS, DEVICE_COLUMNS,
-    EVENT_COLUMNS, FIRMWARE_COLUMNS,
+    int64, json_text, null_slots, to_db_time, ABSENT_TIME, CONFIG_COLUMNS, CREDENTIAL_COLUMNS,
+    DEVICE_COLUMNS, EVENT_COLUMNS, FIRMWARE_COLUMNS,
 };
 use super::*;
 
@@ -253,6 +255,20 @@ const INSERT_NEXT_CONFIG: &str = "INSERT INTO dbo.onboard_device_configs \
     SELECT @P1, COALESCE(MAX(c.version), 0) + 1, @P2, @P3, @P4 \
     FROM dbo.onboard_device_configs AS c WHERE c.device_id = @P1";
 
+const SET_DEVICE_STATE: &str = "UPDATE d SET d.state = @P2, \
+    d.last_error = CAST(@P3 AS nvarchar(max)), d.updated_at = @P4 \
+    OUTPUT DELETED.state AS previous \
+    FROM dbo.onboard_devices AS d WHERE d.id = @P1";
+
+const INSERT_FIRMWARE_JOB: &str = "INSERT INTO dbo.onboard_firmware_jobs \
+    (job_id, device_id, version, url, sha256, size, status, error, created_by, created_at, \
+     updated_at) \
+    VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7, CAST(@P8 AS nvarchar(max)), @P9, @P10, @P11)";
+
+const UPDATE_FIRMWARE_JOB: &str = "UPDATE f SET f.status = @P3, \
+    f.error = CAST(@P4 AS nvarchar(max)), f.updated_at = @P5 \
+    FROM dbo.onboard_firmware_jobs AS f WHERE f.job_id = @P1 AND f.device_id = @P2";
+
 const INSERT_ENROLLMENT: &str = "INSERT INTO dbo.onboard_enrollments \
     (device_id, request_id, serial, response, created_at) VALUES (@P1, @P2, @P3, @P4, @P5)";
 
@@ -300,9 +316,11 @@ async fn insert_event(c: &mut Connection, event: &AuditEvent) -> StoreResult<()>
     let at = to_db_time(event.at);
     let detail = json_text(&event.detail);
     let request_id = event.request_id.as_deref();
+    let sql = null_slots(INSERT_EVENT, [(6, request_id.is_none())]);
+    let request_id = request_id.unwrap_or_default();
     c.execute(
         "append event",
-        INSERT_EVENT,
+        &sql,
         &[
             &event.device_id.as_str(),
             &at,
@@ -317,24 +335,35 @@ async fn insert_event(c: &mut Connection, event: &AuditEvent) -> StoreResult<()>
 }
 
 async fn insert_credential_row(c: &mut Connection, cred: &Credential) -> StoreResult<()> {
-    let not_after = cred.not_after.map(to_db_time);
+    let sql = null_slots(
+        INSERT_CREDENTIAL,
+        [
+            (5, cred.password_hash.is_none()),
+            (6, cred.not_after.is_none()),
+            (8, cred.activated_at.is_none()),
+            (9, cred.revoked_at.is_none()),
+            (10, cred.revoke_reason.is_none()),
+        ],
+    );
+    let time_or_absent = |t: Option<OffsetDateTime>| t.map(to_db_time).unwrap_or(ABSENT_TIME);
+    let not_after = time_or_absent(cred.not_after);
     let created_at = to_db_time(cred.created_at);
-    let activated_at = cred.activated_at.map(to_db_time);
-    let revoked_at = cred.revoked_at.map(to_db_time);
+    let activated_at = time_or_absent(cred.activated_at);
+    let revoked_at = time_or_absent(cred.revoked_at);
     c.execute(
         "insert credential",
-        INSERT_CREDENTIAL,
+        &sql,
         &[
             &cred.serial.as_str(),
             &cred.fingerprint.as_slice(),
             &cred.device_id.as_str(),
             &cred.kind.as_str(),
-            &cred.password_hash.as_deref(),
+            &cred.password_hash.as_deref().unwrap_or_default(),
             &not_after,
             &created_at,
             &activated_at,
             &revoked_at,
-            &cred.revoke_reason.as_deref(),
+            &cred.revoke_reason.as_deref().unwrap_or_default(),
         ],
     )
     .await
@@ -377,9 +406,14 @@ async fn commit_enrollment_body(
     let device_id = commit.device_id.as_str();
     let kind = commit.credential.kind.as_str();
     let serial = commit.credential.serial.as_str();
-    let model = commit.model.as_deref();
-    let location = commit.location.as_deref();
-    let firmware = commit.firmware_version.as_deref();
+    let absent = [
+        (3, commit.model.is_none()),
+        (4, commit.location.is_none()),
+        (5, commit.firmware_version.is_none()),
+    ];
+    let model = commit.model.as_deref().unwrap_or_default();
+    let location = commit.location.as_deref().unwrap_or_default();
+    let firmware = commit.firmware_version.as_deref().unwrap_or_default();
 
     // 1. The device row, guarded by its generation (or by the primary key when new).
     let generation = match commit.expected_generation {
@@ -387,7 +421,7 @@ async fn commit_enrollment_body(
             let row = c
                 .query_opt(
                     "commit_enrollment: update device",
-                    UPDATE_DEVICE_FOR_ENROLLMENT,
+                    &null_slots(UPDATE_DEVICE_FOR_ENROLLMENT, absent),
                     &[
                         &device_id,
                         &commit.device_type.as_str(),
@@ -415,7 +449,7 @@ async fn commit_enrollment_body(
         None => {
             c.execute(
                 "commit_enrollment: insert device",
-                INSERT_DEVICE_FOR_ENROLLMENT,
+                &null_slots(INSERT_DEVICE_FOR_ENROLLMENT, absent),
                 &[
                     &device_id,
                     &commit.device_type.as_str(),
@@ -566,20 +600,33 @@ async fn import_body(c: &mut Connection, devices: &[NewDevice]) -> StoreResult<I
         let params: [&dyn ToSql; 6] = [
             &device.id.as_str(),
             &device.device_type.as_str(),
-            &device.model.as_deref(),
-            &device.location.as_deref(),
-            &device.firmware_version.as_deref(),
+            &device.model.as_deref().unwrap_or_default(),
+            &device.location.as_deref().unwrap_or_default(),
+            &device.firmware_version.as_deref().unwrap_or_default(),
             &now,
+        ];
+        let absent = [
+            (3, device.model.is_none()),
+            (4, device.location.is_none()),
+            (5, device.firmware_version.is_none()),
         ];
         match rows::import_action(existing.as_ref(), device) {
             rows::ImportAction::Insert => {
-                c.execute("import: insert", INSERT_PENDING_DEVICE, &params)
-                    .await?;
+                c.execute(
+                    "import: insert",
+                    &null_slots(INSERT_PENDING_DEVICE, absent),
+                    &params,
+                )
+                .await?;
                 outcome.inserted += 1;
             }
             rows::ImportAction::Update => {
-                if c.execute("import: update", UPDATE_PENDING_DEVICE, &params)
-                    .await?
+                if c.execute(
+                    "import: update",
+                    &null_slots(UPDATE_PENDING_DEVICE, absent),
+                    &params,
+                )
+                .await?
                     > 0
                 {
                     outcome.updated += 1;
@@ -724,13 +771,12 @@ impl Store for MssqlStore {
                 c.begin().await?;
                 let result = async {
                     let now = to_db_time(OffsetDateTime::now_utc());
+                    let sql = null_slots(SET_DEVICE_STATE, [(3, last_error.is_none())]);
                     let row = c
                         .query_opt(
                             "set_device_state",
-                            "UPDATE d SET d.state = @P2, d.last_error = CAST(@P3 AS nvarchar(max)), \
-                             d.updated_at = @P4 OUTPUT DELETED.state AS previous \
-                             FROM dbo.onboard_devices AS d WHERE d.id = @P1",
-                            &[&id, &state.as_str(), &last_error, &now],
+                            &sql,
+                            &[&id, &state.as_str(), &last_error.unwrap_or_default(), &now],
                         )
                         .await?
                         .ok_or_else(|| StoreError::NotFound(format!("device {id}")))?;
@@ -1175,10 +1221,7 @@ impl Store for MssqlStore {
                     let updated_at = to_db_time(job.updated_at);
                     c.execute(
                         "insert_firmware_job",
-                        "INSERT INTO dbo.onboard_firmware_jobs (job_id, device_id, version, url, \
-                         sha256, size, status, error, created_by, created_at, updated_at) \
-                         VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7, CAST(@P8 AS nvarchar(max)), \
-                         @P9, @P10, @P11)",
+                        &null_slots(INSERT_FIRMWARE_JOB, [(8, job.error.is_none())]),
                         &[
                             &job.job_id.as_str(),
                             &job.device_id.as_str(),
@@ -1187,7 +1230,7 @@ impl Store for MssqlStore {
                             &job.sha256.as_str(),
                             &job.size,
                             &job.status.as_str(),
-                            &job.error.as_deref(),
+                            &job.error.as_deref().unwrap_or_default(),
                             &job.created_by.as_str(),
                             &created_at,
                             &updated_at,
@@ -1258,10 +1301,14 @@ impl Store for MssqlStore {
                     let n = c
                         .execute(
                             "update_firmware_job",
-                            "UPDATE f SET f.status = @P3, f.error = CAST(@P4 AS nvarchar(max)), \
-                             f.updated_at = @P5 FROM dbo.onboard_firmware_jobs AS f \
-                             WHERE f.job_id = @P1 AND f.device_id = @P2",
-                            &[&job_id, &device_id, &status, &error, &now],
+                            &null_slots(UPDATE_FIRMWARE_JOB, [(4, error.is_none())]),
+                            &[
+                                &job_id,
+                                &device_id,
+                                &status,
+                                &error.unwrap_or_default(),
+                                &now,
+                            ],
                         )
                         .await?;
                     if n == 0 {
@@ -1398,6 +1445,9 @@ mod tests {
             REVOKE_DEVICE_CREDENTIALS,
             INSERT_NEXT_CONFIG,
             INSERT_ENROLLMENT,
+            SET_DEVICE_STATE,
+            INSERT_FIRMWARE_JOB,
+            UPDATE_FIRMWARE_JOB,
         ];
         for sql in statements {
             let upper = sql.to_ascii_uppercase();
@@ -1439,6 +1489,9 @@ mod tests {
             (REVOKE_DEVICE_CREDENTIALS, 3),
             (INSERT_NEXT_CONFIG, 4),
             (INSERT_ENROLLMENT, 5),
+            (SET_DEVICE_STATE, 4),
+            (INSERT_FIRMWARE_JOB, 11),
+            (UPDATE_FIRMWARE_JOB, 5),
         ] {
             for n in 1..=count {
                 assert!(sql.contains(&format!("@P{n}")), "@P{n} missing in {sql}");

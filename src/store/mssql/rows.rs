@@ -24,6 +24,44 @@ pub fn from_db_time(at: PrimitiveDateTime) -> OffsetDateTime {
     at.assume_utc()
 }
 
+/// Stand-in value sent for an absent optional time (the statement never reads it).
+pub const ABSENT_TIME: PrimitiveDateTime = time::macros::datetime!(2000-01-01 0:00);
+
+/// Rewrite `sql` so that each placeholder `@Pn` whose value is absent reads `NULL` instead.
+///
+/// tiberius encodes a `None` parameter with the untyped NULL wire type, which SQL Server
+/// accepts but Babelfish refuses. So an absent value is never sent as NULL: its slot still
+/// carries a harmless non-NULL stand-in (the parameter stays declared, unused), and the
+/// statement text says `NULL` where it would have read it, inside the same typed `CAST`.
+/// Only whole placeholders are replaced (`@P1` never touches `@P10`).
+pub fn null_slots<'s>(
+    sql: &'s str,
+    slots: impl IntoIterator<Item = (usize, bool)>,
+) -> std::borrow::Cow<'s, str> {
+    let absent: Vec<usize> = slots
+        .into_iter()
+        .filter(|(_, is_absent)| *is_absent)
+        .map(|(n, _)| n)
+        .collect();
+    if absent.is_empty() {
+        return std::borrow::Cow::Borrowed(sql);
+    }
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(at) = rest.find("@P") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        match after[..digits].parse::<usize>() {
+            Ok(n) if absent.contains(&n) => out.push_str("NULL"),
+            _ => out.push_str(&rest[at..at + 2 + digits]),
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 /// Parse a JSON text column.
 pub fn parse_json(column: &str, text: &str) -> StoreResult<serde_json::Value> {
     serde_json::from_str(text)
@@ -306,6 +344,24 @@ mod tests {
             .column("t", ColumnType::Datetime2, dt(at))
             .build();
         assert_eq!(time(&row, "t").expect("time"), back);
+    }
+
+    #[test]
+    fn absent_values_become_null_literals() {
+        let sql = "VALUES (@P1, CAST(@P3 AS nvarchar(10)), CAST(@P10 AS datetime2(7)), @P1)";
+        assert!(matches!(
+            null_slots(sql, [(3, false)]),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            null_slots(sql, [(1, true), (3, false), (10, true)]),
+            "VALUES (NULL, CAST(@P3 AS nvarchar(10)), CAST(NULL AS datetime2(7)), NULL)"
+        );
+        assert_eq!(
+            null_slots(sql, [(3, true)]),
+            "VALUES (@P1, CAST(NULL AS nvarchar(10)), CAST(@P10 AS datetime2(7)), @P1)"
+        );
+        assert_eq!(null_slots("a @P", [(1, true)]), "a @P");
     }
 
     #[test]
