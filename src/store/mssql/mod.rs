@@ -240,8 +240,8 @@ const INSERT_DEVICE_FOR_ENROLLMENT: &str = "INSERT INTO dbo.onboard_devices \
 const INSERT_CREDENTIAL: &str = "INSERT INTO dbo.onboard_credentials \
     (serial, fingerprint, device_id, kind, password_hash, not_after, created_at, activated_at, \
      revoked_at, revoke_reason) \
-    VALUES (@P1, @P2, @P3, @P4, CAST(@P5 AS nvarchar(400)), CAST(@P6 AS datetime2(7)), @P7, \
-    CAST(@P8 AS datetime2(7)), CAST(@P9 AS datetime2(7)), CAST(@P10 AS nvarchar(400)))";
+    VALUES (@P1, @P2, @P3, @P4, CAST(@P5 AS nvarchar(400)), CAST(@P6 AS datetime2), @P7, \
+    CAST(@P8 AS datetime2), CAST(@P9 AS datetime2), CAST(@P10 AS nvarchar(400)))";
 
 const REVOKE_DEVICE_CREDENTIALS: &str = "UPDATE c SET c.revoked_at = @P2, c.revoke_reason = @P3 \
     OUTPUT INSERTED.serial \

@@ -1,7 +1,7 @@
 //! Pure conversions between result rows / column values and the domain types.
 //!
-//! Times are stored as `datetime2(7)` in UTC, truncated to whole microseconds on write so that
-//! a value reads back identically on every server that speaks TDS.
+//! Times are stored as `datetime2` in UTC, truncated to whole microseconds on write so that a
+//! value reads back identically on SQL Server (100 ns precision) and Babelfish (1 µs).
 
 use tiberius::Row;
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};

@@ -31,7 +31,7 @@ pub const CREATE_MIGRATIONS_TABLE: &str =
     CREATE TABLE dbo.onboard_schema_migrations (\
         version int NOT NULL CONSTRAINT pk_onboard_schema_migrations PRIMARY KEY, \
         name nvarchar(200) NOT NULL, \
-        applied_at datetime2(7) NOT NULL)";
+        applied_at datetime2 NOT NULL)";
 
 /// All migrations, in version order. Never edit an applied one: append a new version.
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -51,11 +51,11 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
                 CHECK (credential_kind IN (N'certificate', N'password')), \
             current_serial nvarchar(128) NULL, \
             generation bigint NOT NULL, \
-            created_at datetime2(7) NOT NULL, \
-            updated_at datetime2(7) NOT NULL, \
-            enrolled_at datetime2(7) NULL, \
-            activated_at datetime2(7) NULL, \
-            activation_deadline datetime2(7) NULL, \
+            created_at datetime2 NOT NULL, \
+            updated_at datetime2 NOT NULL, \
+            enrolled_at datetime2 NULL, \
+            activated_at datetime2 NULL, \
+            activation_deadline datetime2 NULL, \
             last_error nvarchar(max) NULL)",
         "CREATE INDEX ix_onboard_devices_state ON dbo.onboard_devices (state) INCLUDE (device_type)",
         // Issued credentials; password credentials keep only a salted hash.
@@ -66,10 +66,10 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             kind nvarchar(16) NOT NULL CONSTRAINT ck_onboard_credentials_kind \
                 CHECK (kind IN (N'certificate', N'password')), \
             password_hash nvarchar(400) NULL, \
-            not_after datetime2(7) NULL, \
-            created_at datetime2(7) NOT NULL, \
-            activated_at datetime2(7) NULL, \
-            revoked_at datetime2(7) NULL, \
+            not_after datetime2 NULL, \
+            created_at datetime2 NOT NULL, \
+            activated_at datetime2 NULL, \
+            revoked_at datetime2 NULL, \
             revoke_reason nvarchar(400) NULL)",
         "CREATE INDEX ix_onboard_credentials_device ON dbo.onboard_credentials (device_id)",
         "CREATE INDEX ix_onboard_credentials_fingerprint ON dbo.onboard_credentials (fingerprint)",
@@ -82,8 +82,8 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             version bigint NOT NULL, \
             body nvarchar(max) NOT NULL, \
             created_by nvarchar(128) NOT NULL, \
-            created_at datetime2(7) NOT NULL, \
-            applied_at datetime2(7) NULL, \
+            created_at datetime2 NOT NULL, \
+            applied_at datetime2 NULL, \
             failed_error nvarchar(max) NULL, \
             CONSTRAINT pk_onboard_device_configs PRIMARY KEY (device_id, version))",
         // Answered enrollments, for idempotent retries.
@@ -92,13 +92,13 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             request_id nvarchar(128) NOT NULL, \
             serial nvarchar(128) NOT NULL, \
             response nvarchar(max) NOT NULL, \
-            created_at datetime2(7) NOT NULL, \
+            created_at datetime2 NOT NULL, \
             CONSTRAINT pk_onboard_enrollments PRIMARY KEY (device_id, request_id))",
         // The audit log.
         "CREATE TABLE dbo.onboard_events (\
             id bigint IDENTITY(1,1) NOT NULL CONSTRAINT pk_onboard_events PRIMARY KEY, \
             device_id nvarchar(128) NOT NULL, \
-            occurred_at datetime2(7) NOT NULL, \
+            occurred_at datetime2 NOT NULL, \
             event_name nvarchar(64) NOT NULL, \
             detail nvarchar(max) NOT NULL, \
             actor nvarchar(128) NOT NULL, \
@@ -116,14 +116,14 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             status nvarchar(32) NOT NULL, \
             error nvarchar(max) NULL, \
             created_by nvarchar(128) NOT NULL, \
-            created_at datetime2(7) NOT NULL, \
-            updated_at datetime2(7) NOT NULL)",
+            created_at datetime2 NOT NULL, \
+            updated_at datetime2 NOT NULL)",
         "CREATE INDEX ix_onboard_firmware_jobs_device ON dbo.onboard_firmware_jobs (device_id, seq)",
         // Replies to admin commands, for idempotent retries.
         "CREATE TABLE dbo.onboard_admin_replies (\
             request_id nvarchar(256) NOT NULL CONSTRAINT pk_onboard_admin_replies PRIMARY KEY, \
             reply nvarchar(max) NOT NULL, \
-            created_at datetime2(7) NOT NULL)",
+            created_at datetime2 NOT NULL)",
     ],
 }];
 
