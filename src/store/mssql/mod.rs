@@ -1,6 +1,6 @@
 //! Microsoft SQL Server / Azure SQL backend, through tiberius over a bb8 pool.
 //!
-//! - [`url`]: `mssql://` URLs and ADO.NET strings, and the password-free [`Target`] that names
+//! - `url`: `mssql://` URLs and ADO.NET strings, and the password-free [`Target`] that names
 //!   the server in every log line and error.
 //! - `conn`: a pooled session that is discarded rather than reused whenever its state is
 //!   uncertain (I/O error, timeout, a cancelled request, an unfinished transaction).
@@ -37,7 +37,9 @@ use self::rows::{
 };
 use super::*;
 
-pub use self::errors::{backoff_ceiling, backoff_delay, classify, classify_code, ErrorClass};
+pub use self::errors::{
+    backoff_ceiling, backoff_delay, classify, classify_code, ErrorClass, BACKOFF_BASE, BACKOFF_CAP,
+};
 use self::errors::{Retry, Step};
 pub use self::url::{looks_like_mssql, Target};
 
