@@ -198,11 +198,20 @@ impl MssqlStore {
                             "store operation retried"
                         );
                     }
-                    return result;
+                    return result.map_err(|e| name_server(e, &self.target));
                 }
                 Step::RetryAfter(delay) => tokio::time::sleep(delay).await,
             }
         }
+    }
+}
+
+/// Add the (password-free) server name to errors an operator has to act on.
+fn name_server(error: StoreError, target: &Target) -> StoreError {
+    match error {
+        StoreError::Unavailable(m) => StoreError::Unavailable(format!("{m} [{target}]")),
+        StoreError::Database(m) => StoreError::Database(format!("{m} [{target}]")),
+        other => other,
     }
 }
 
@@ -1406,6 +1415,20 @@ impl Store for MssqlStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operator_errors_name_the_server_without_its_password() {
+        let parsed = self::url::parse("mssql://gw:s3cret@db:1433/inv").expect("parses");
+        let e = name_server(StoreError::Unavailable("deadlock".into()), &parsed.target);
+        assert_eq!(
+            e.to_string(),
+            "store unavailable: deadlock [mssql://gw:***@db:1433/inv]"
+        );
+        let e = name_server(StoreError::Database("syntax".into()), &parsed.target);
+        assert!(e.to_string().ends_with("[mssql://gw:***@db:1433/inv]"));
+        let e = name_server(StoreError::Conflict("dup".into()), &parsed.target);
+        assert_eq!(e.to_string(), "conflict: dup");
+    }
 
     #[test]
     fn device_list_sql_numbers_placeholders_in_order() {
