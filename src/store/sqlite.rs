@@ -138,6 +138,14 @@ CREATE INDEX firmware_jobs_by_device ON firmware_jobs (device_id, created_at);
 ];
 
 /// The SQLite inventory. Cheap to share behind an `Arc`; safe to call from many tasks at once.
+///
+/// Beyond the trait's doc comments:
+/// - bulk-imported devices start at generation 0;
+/// - `commit_enrollment` refuses (Conflict) to move a `revoked` device back to `enrolling`, and
+///   keeps stored metadata the request does not carry;
+/// - audit events need no device row;
+/// - conditional operations returning `Ok(false)` write nothing, not even their event;
+/// - inserting a credential, config or firmware job for an unknown device is `NotFound`.
 pub struct SqliteStore {
     inner: Arc<Inner>,
 }
