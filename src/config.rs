@@ -19,7 +19,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -134,19 +134,6 @@ pub struct LifecycleConfig {
     pub renewal_grace_secs: u64,
     /// How often deadlines (activation, renewal grace) are checked.
     pub sweep_interval_ms: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            broker: BrokerConfig::default(),
-            pki: PkiConfig::default(),
-            enrollment: EnrollmentConfig::default(),
-            store: StoreConfig::default(),
-            lifecycle: LifecycleConfig::default(),
-        }
-    }
 }
 
 impl Default for ServerConfig {
@@ -327,6 +314,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's own test API
     fn environment_overrides_keys_with_underscores() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("ONBOARD_STORE_URL", "sqlite://elsewhere.db");

@@ -54,6 +54,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::MalformedRequest,
+        ErrorCode::CsrInvalid,
+        ErrorCode::CsrSubjectMismatch,
+        ErrorCode::WeakKey,
+        ErrorCode::UnknownDeviceType,
+        ErrorCode::NotAllowlisted,
+        ErrorCode::DeviceRevoked,
+        ErrorCode::AlreadyEnrolled,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::MalformedRequest => "malformed_request",

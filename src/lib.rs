@@ -40,3 +40,4 @@ pub mod pki;
 pub mod simulate;
 pub mod store;
 pub mod templates;
+pub mod cli;

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `onboard` command.
+
+fn main() -> std::process::ExitCode {
+    onboard::cli::main()
+}

@@ -120,7 +120,7 @@ impl Metrics {
         registry
             .register(Box::new(certificates_expiring.clone()))
             .unwrap_or_else(|e| panic!("metric onboard_certificates_expiring: {e}"));
-        Metrics {
+        let metrics = Metrics {
             enrollment_requests: counter_vec(
                 r,
                 "onboard_enrollment_requests_total",
@@ -207,6 +207,41 @@ impl Metrics {
                 &["command", "result"],
             ),
             registry,
+        };
+        metrics.initialise_series();
+        metrics
+    }
+
+    /// Create every labelled series at zero, so that dashboards and alerts see each reason
+    /// before it first happens.
+    fn initialise_series(&self) {
+        use crate::pki::Role;
+        for result in ["accepted", "duplicate"] {
+            self.enrollment_requests.with_label_values(&[result, "none"]);
+        }
+        for code in crate::enroll::ErrorCode::ALL {
+            self.enrollment_requests.with_label_values(&["rejected", code.as_str()]);
+        }
+        for reason in crate::front::identity::RefusalReason::ALL {
+            self.auth_failures.with_label_values(&[reason.as_str()]);
+        }
+        for role in [Role::Bootstrap, Role::Device, Role::Admin] {
+            self.connections.with_label_values(&[role.as_str()]);
+            for action in ["publish", "subscribe"] {
+                self.acl_denied.with_label_values(&[role.as_str(), action]);
+            }
+        }
+        for state in crate::store::DeviceState::ALL {
+            self.devices.with_label_values(&[state.as_str()]);
+        }
+        for kind in ["csr", "generated", "password"] {
+            self.certificates_issued.with_label_values(&[kind]);
+        }
+        for (target, trigger) in [("config", "auto"), ("config", "admin"), ("enrollment", "timeout"), ("enrollment", "admin")] {
+            self.rollbacks.with_label_values(&[target, trigger]);
+        }
+        for op in ["commit_enrollment", "activate", "device", "credential"] {
+            self.store_errors.with_label_values(&[op]);
         }
     }
 

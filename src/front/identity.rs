@@ -46,6 +46,32 @@ pub enum RefusalReason {
 }
 
 impl RefusalReason {
+    pub const ALL: [RefusalReason; 23] = [
+        RefusalReason::Certificate(CertRefusalReason::NoCertificate),
+        RefusalReason::Certificate(CertRefusalReason::UnknownCa),
+        RefusalReason::Certificate(CertRefusalReason::Expired),
+        RefusalReason::Certificate(CertRefusalReason::NotYetValid),
+        RefusalReason::Certificate(CertRefusalReason::MissingClientAuth),
+        RefusalReason::Certificate(CertRefusalReason::WeakKey),
+        RefusalReason::Certificate(CertRefusalReason::Malformed),
+        RefusalReason::TlsHandshake,
+        RefusalReason::HandshakeTimeout,
+        RefusalReason::ConnectTimeout,
+        RefusalReason::ProtocolError,
+        RefusalReason::UnsupportedProtocol,
+        RefusalReason::ClientIdMismatch,
+        RefusalReason::InvalidDeviceId,
+        RefusalReason::UnknownCredential,
+        RefusalReason::CredentialRevoked,
+        RefusalReason::DeviceRevoked,
+        RefusalReason::BadPassword,
+        RefusalReason::NotAllowlisted,
+        RefusalReason::WillTopicDenied,
+        RefusalReason::StoreUnavailable,
+        RefusalReason::TooManyConnections,
+        RefusalReason::BrokerRefused,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RefusalReason::Certificate(reason) => reason.as_str(),

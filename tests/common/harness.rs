@@ -478,3 +478,118 @@ pub fn csr_for(cn: &str) -> (String, String) {
     let csr = params.serialize_request(&key).expect("csr");
     (csr.pem().expect("csr pem"), key.serialize_pem())
 }
+
+/// A CSR for `cn` carrying an RSA-1024 key (properly self-signed with it).
+pub fn weak_rsa_csr(cn: &str) -> String {
+    let key = rsa_1024();
+    let remote = rcgen::KeyPair::from_remote(Box::new(RsaSigner { key: key.clone() })).expect("remote key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    params.serialize_request(&remote).expect("csr").pem().expect("pem")
+}
+
+/// The same CSR with its signature corrupted (no proof of possession).
+pub fn tampered_csr(csr_pem: &str) -> String {
+    use base64::Engine;
+    let body: String = csr_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut der = base64::engine::general_purpose::STANDARD.decode(body).expect("base64");
+    let last = der.len() - 1;
+    der[last] ^= 0x01;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("ascii")).collect();
+    format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", lines.join("\n"))
+}
+
+pub fn rsa_1024() -> rsa::RsaPrivateKey {
+    static KEY: std::sync::OnceLock<rsa::RsaPrivateKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).expect("RSA key")).clone()
+}
+
+/// Signs with an RSA key that ring refuses to load (< 2048 bits), for weak-key tests.
+#[derive(Debug, Clone)]
+pub struct RsaSigner {
+    pub key: rsa::RsaPrivateKey,
+}
+
+impl RsaSigner {
+    fn sign_sha256(&self, msg: &[u8]) -> Vec<u8> {
+        use rsa::signature::{SignatureEncoding, Signer};
+        let signer = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(self.key.clone());
+        signer.sign(msg).to_vec()
+    }
+
+    pub fn public_key_der(&self) -> Vec<u8> {
+        use rsa::pkcs8::EncodePublicKey;
+        self.key.to_public_key().to_public_key_der().expect("spki").as_bytes().to_vec()
+    }
+}
+
+impl rcgen::RemoteKeyPair for RsaSigner {
+    fn public_key(&self) -> &[u8] {
+        // rcgen wants the PKCS#1 RSAPublicKey for RSA keys.
+        static PK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        PK.get_or_init(|| {
+            use rsa::pkcs1::EncodeRsaPublicKey;
+            self.key.to_public_key().to_pkcs1_der().expect("pkcs1").as_bytes().to_vec()
+        })
+    }
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        Ok(self.sign_sha256(msg))
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_RSA_SHA256
+    }
+}
+
+impl rustls::sign::SigningKey for RsaSigner {
+    fn choose_scheme(&self, offered: &[rustls::SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+        offered
+            .contains(&rustls::SignatureScheme::RSA_PKCS1_SHA256)
+            .then(|| Box::new(self.clone()) as Box<dyn rustls::sign::Signer>)
+    }
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        rustls::SignatureAlgorithm::RSA
+    }
+}
+
+impl rustls::sign::Signer for RsaSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        Ok(self.sign_sha256(message))
+    }
+    fn scheme(&self) -> rustls::SignatureScheme {
+        rustls::SignatureScheme::RSA_PKCS1_SHA256
+    }
+}
+
+#[derive(Debug)]
+struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedCert {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// TLS 1.2 client presenting `cert_pem` with an RSA-1024 key (which rustls/ring cannot load).
+pub fn weak_key_client_tls(ca_pem: &str, cert_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA cert");
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("cert PEM");
+    let key = Arc::new(RsaSigner { key: rsa_1024() });
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(chain, key));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // TLS 1.3 signs CertificateVerify with RSA-PSS only; 1.2 lets this key use PKCS#1.
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(FixedCert(certified)));
+    Arc::new(config)
+}

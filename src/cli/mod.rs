@@ -1,0 +1,464 @@
+//! The `onboard` command line. Errors are reported with `anyhow` here and nowhere else.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::pki::{CertOptions, Pki};
+use crate::store::{self, Device, DeviceFilter, DeviceState};
+
+#[derive(Parser, Debug)]
+#[command(name = "onboard", version, about = "MQTT broker with a built-in zero-touch enrollment gateway")]
+pub struct Cli {
+    /// Configuration file (default: config/onboard.toml if it exists; every key has a default
+    /// and can be overridden by ONBOARD_<SECTION>_<KEY>).
+    #[arg(long, short, global = true, env = "ONBOARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway: broker, TLS front, enrollment, metrics.
+    Serve,
+    /// Certificates: development PKI, factory and admin certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// The device inventory.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// A device's audit trail, oldest first.
+    Audit {
+        device: String,
+        /// Newest N events.
+        #[arg(long, default_value_t = 200)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PkiCommand {
+    /// Create the development PKI (only the files that are missing).
+    Init,
+    /// Issue factory (bootstrap) certificates: the manufacturing step.
+    IssueFactory {
+        /// One device id.
+        #[arg(long, conflicts_with_all = ["count", "prefix"])]
+        id: Option<String>,
+        /// Issue N certificates named <prefix><number>.
+        #[arg(long, requires = "prefix")]
+        count: Option<u32>,
+        #[arg(long)]
+        prefix: Option<String>,
+        /// First number of a --count series.
+        #[arg(long, default_value_t = 1)]
+        start: u32,
+        /// Directory for <id>.pem / <id>.key (and the CA certificates clients need).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+        /// Also write a CSV manifest for `onboard devices import` (id,type,model,location,firmware).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Device type written in the manifest.
+        #[arg(long = "type", default_value = "thermostat")]
+        device_type: String,
+        #[arg(long, default_value = "")]
+        model: String,
+        #[arg(long, default_value = "")]
+        location: String,
+        #[arg(long, default_value = "")]
+        firmware: String,
+    },
+    /// Issue an admin certificate.
+    IssueAdmin {
+        name: String,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DevicesCommand {
+    /// List devices.
+    List {
+        #[arg(long, value_parser = parse_state)]
+        state: Option<DeviceState>,
+        #[arg(long = "type")]
+        device_type: Option<String>,
+        /// Only devices whose certificate expires within this period (e.g. 30d, 12h).
+        #[arg(long, value_parser = parse_period)]
+        expiring: Option<Duration>,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// One device with its credentials and configuration history.
+    Show {
+        device: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+fn parse_state(s: &str) -> Result<DeviceState, String> {
+    s.parse().map_err(|_| {
+        format!("unknown state {s:?}; one of pending, enrolling, active, failed, revoked")
+    })
+}
+
+/// `30d`, `12h`, `45m`, `90s`.
+pub fn parse_period(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad period {s:?}; e.g. 30d, 12h"))?;
+    let secs = match unit {
+        "d" => n * 86_400,
+        "h" => n * 3_600,
+        "m" => n * 60,
+        "s" | "" => n,
+        _ => return Err(format!("bad period unit in {s:?}; use d, h, m or s")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Serve));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(serving: bool) {
+    let default = if serving { "info,rumqttd=warn" } else { "warn,rumqttd=error" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ONBOARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => serve(config).await,
+        Command::Pki(cmd) => pki(cmd, &config),
+        Command::Devices(cmd) => devices(cmd, &config).await,
+        Command::Audit { device, limit, format } => audit(&device, limit, format, &config).await,
+    }
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let gateway = Gateway::start(config.clone()).await?;
+    if gateway.created_pki {
+        eprintln!(
+            "\n  !!! No PKI was found in {dir}: a DEVELOPMENT PKI was created there.\n  !!! Its CAs are self-signed; do not use it in production.\n  !!! Factory certificates: onboard pki issue-factory --id DEVICE --out DIR\n",
+            dir = config.pki.dir.display()
+        );
+    }
+    eprintln!(
+        "onboard listening: mTLS {} | password {} | metrics http://{}/metrics | store {}",
+        gateway.mtls_addr,
+        gateway.password_addr,
+        gateway.metrics_addr,
+        gateway.store.backend()
+    );
+    shutdown_signal().await;
+    eprintln!("shutting down");
+    gateway.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn pki(cmd: PkiCommand, config: &Config) -> Result<()> {
+    match cmd {
+        PkiCommand::Init => {
+            let report = Pki::init(&config.pki)?;
+            if report.created.is_empty() {
+                println!("PKI in {} is complete; nothing created", config.pki.dir.display());
+            }
+            for path in report.created {
+                println!("created {}", path.display());
+            }
+            Ok(())
+        }
+        PkiCommand::IssueFactory { id, count, prefix, start, out, days, manifest, device_type, model, location, firmware } => {
+            let ids: Vec<String> = match (id, count, prefix) {
+                (Some(id), None, None) => vec![id],
+                (None, Some(n), Some(p)) => {
+                    let width = (u64::from(start) + u64::from(n)).to_string().len().max(4);
+                    (start..start.saturating_add(n)).map(|i| format!("{p}{i:0width$}")).collect()
+                }
+                _ => bail!("give --id DEVICE, or --count N --prefix P"),
+            };
+            let pattern = regex::Regex::new(&config.pki.device_id_pattern)?;
+            if let Some(bad) = ids.iter().find(|id| !pattern.is_match(id)) {
+                bail!("device id {bad:?} does not match [pki] device_id_pattern {}", pattern.as_str());
+            }
+            let options = CertOptions::valid_for_days(days);
+            let bar = progress(ids.len() as u64, "issuing");
+            let mut issued = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(1000) {
+                issued.extend(crate::pki::issue_factory_batch(&config.pki.dir, chunk, &out, &options)?);
+                bar.inc(chunk.len() as u64);
+            }
+            bar.finish_and_clear();
+            if let Some(path) = manifest {
+                write_manifest(&path, &ids, &device_type, &model, &location, &firmware)?;
+                println!("manifest {}", path.display());
+            }
+            println!("issued {} factory certificate(s) in {}", issued.len(), out.display());
+            Ok(())
+        }
+        PkiCommand::IssueAdmin { name, out } => {
+            crate::pki::issue_admin(&config.pki.dir, &name, &out)?;
+            println!("issued {}/{name}.pem and {}/{name}.key", out.display(), out.display());
+            Ok(())
+        }
+    }
+}
+
+fn write_manifest(path: &Path, ids: &[String], device_type: &str, model: &str, location: &str, firmware: &str) -> Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    writeln!(w, "id,type,model,location,firmware")?;
+    for id in ids {
+        writeln!(w, "{},{},{},{},{}", csv_field(id), csv_field(device_type), csv_field(model), csv_field(location), csv_field(firmware))?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+fn ts(t: Option<OffsetDateTime>) -> String {
+    t.and_then(|t| t.format(&Rfc3339).ok()).unwrap_or_default()
+}
+
+async fn devices(cmd: DevicesCommand, config: &Config) -> Result<()> {
+    let store = store::open(&config.store).await?;
+    match cmd {
+        DevicesCommand::List { state, device_type, expiring, limit, format } => {
+            let filter = DeviceFilter {
+                state,
+                device_type,
+                expiring_before: expiring.map(|d| OffsetDateTime::now_utc() + d),
+                limit: Some(limit),
+                offset: None,
+            };
+            let devices = store.list_devices(&filter).await?;
+            print_devices(&devices, format)?;
+        }
+        DevicesCommand::Show { device, format } => {
+            let Some(d) = store.device(&device).await? else {
+                bail!("no device {device:?} in the inventory");
+            };
+            let credentials = store.credentials_of(&device).await?;
+            let configs = store.config_history(&device).await?;
+            if format == Format::Json {
+                let doc = serde_json::json!({ "device": d, "credentials": credentials, "configs": configs });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                return Ok(());
+            }
+            println!("id:               {}", d.id);
+            println!("type:             {}", d.device_type);
+            println!("state:            {}", d.state);
+            println!("model:            {}", d.model.as_deref().unwrap_or(""));
+            println!("location:         {}", d.location.as_deref().unwrap_or(""));
+            println!("firmware:         {}", d.firmware_version.as_deref().unwrap_or(""));
+            println!("credential kind:  {}", d.credential_kind.map(|k| k.as_str()).unwrap_or(""));
+            println!("created:          {}", ts(Some(d.created_at)));
+            println!("enrolled:         {}", ts(d.enrolled_at));
+            println!("activated:        {}", ts(d.activated_at));
+            println!("deadline:         {}", ts(d.activation_deadline));
+            println!("last error:       {}", d.last_error.as_deref().unwrap_or(""));
+            println!("credentials:");
+            for c in credentials {
+                println!(
+                    "  {} {:<11} not_after={} used={} revoked={} {}",
+                    c.serial,
+                    c.kind.as_str(),
+                    ts(c.not_after),
+                    ts(c.activated_at),
+                    ts(c.revoked_at),
+                    c.revoke_reason.unwrap_or_default()
+                );
+            }
+            println!("configs:");
+            for c in configs {
+                println!("  v{} by {} at {} applied={} {}", c.version, c.created_by, ts(Some(c.created_at)), ts(c.applied_at), c.failed_error.unwrap_or_default());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_devices(devices: &[Device], format: Format) -> Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(devices)?),
+        Format::Csv => {
+            println!("id,type,state,model,location,firmware,enrolled_at,activated_at");
+            for d in devices {
+                println!(
+                    "{},{},{},{},{},{},{},{}",
+                    csv_field(&d.id),
+                    csv_field(&d.device_type),
+                    d.state,
+                    csv_field(d.model.as_deref().unwrap_or("")),
+                    csv_field(d.location.as_deref().unwrap_or("")),
+                    csv_field(d.firmware_version.as_deref().unwrap_or("")),
+                    ts(d.enrolled_at),
+                    ts(d.activated_at)
+                );
+            }
+        }
+        Format::Table => {
+            println!("{:<32} {:<12} {:<10} {:<10} {:<25}", "ID", "TYPE", "STATE", "FIRMWARE", "ACTIVATED");
+            for d in devices {
+                println!(
+                    "{:<32} {:<12} {:<10} {:<10} {:<25}",
+                    d.id,
+                    d.device_type,
+                    d.state.as_str(),
+                    d.firmware_version.as_deref().unwrap_or("-"),
+                    ts(d.activated_at)
+                );
+            }
+            println!("{} device(s)", devices.len());
+        }
+    }
+    Ok(())
+}
+
+async fn audit(device: &str, limit: u32, format: Format, config: &Config) -> Result<()> {
+    let store = store::open(&config.store).await?;
+    let events = store.events(device, limit).await?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&events)?),
+        Format::Csv => {
+            println!("at,event,actor,request_id,detail");
+            for e in &events {
+                println!("{},{},{},{},{}", ts(Some(e.at)), csv_field(&e.event), csv_field(&e.actor), csv_field(e.request_id.as_deref().unwrap_or("")), csv_field(&e.detail.to_string()));
+            }
+        }
+        Format::Table => {
+            for e in &events {
+                println!(
+                    "{}  {:<22} {:<10} {:<16} {}",
+                    ts(Some(e.at)),
+                    e.event,
+                    e.actor,
+                    e.request_id.as_deref().unwrap_or("-"),
+                    e.detail
+                );
+            }
+            if events.is_empty() {
+                println!("no events for {device:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods() {
+        assert_eq!(parse_period("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_period("12h"), Ok(Duration::from_secs(12 * 3_600)));
+        assert_eq!(parse_period("90"), Ok(Duration::from_secs(90)));
+        assert!(parse_period("3w").is_err());
+        assert!(parse_period("d").is_err());
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_when_needed() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
+
+    #[test]
+    fn command_line_parses() {
+        Cli::command_for_test();
+    }
+
+    impl Cli {
+        fn command_for_test() {
+            use clap::CommandFactory;
+            Cli::command().debug_assert();
+        }
+    }
+}
