@@ -426,7 +426,9 @@ impl Admin {
         }
         let Some(applied) = history
             .iter()
-            .filter(|c| c.version != failed.version && c.applied_at.is_some())
+            .filter(|c| {
+                c.version != failed.version && c.applied_at.is_some() && c.failed_error.is_none()
+            })
             .max_by_key(|c| c.version)
         else {
             return skipped("no version was ever applied");

@@ -365,6 +365,7 @@ impl Admin {
                 ),
             );
         };
+        let _one_at_a_time = self.firmware_reports.lock().await;
         let job = match self
             .metrics
             .store_op("firmware_job", self.store.firmware_job(&job_id, device_id))
