@@ -1058,3 +1058,79 @@ async fn command_line_admin_sends_commands_and_fails_on_errors() {
     .unwrap();
     assert_eq!(reply["result"]["rolled_back_to"], 1);
 }
+
+#[tokio::test]
+async fn renewals_and_their_grace_periods_survive_a_restart() {
+    let t = TestGateway::start_with(|c| c.lifecycle.renewal_grace_secs = 4).await;
+    let id = "rn-3";
+    let (mut device, old) = active_device(&t, id).await;
+    let (csr, _) = csr_for(id);
+    let first = renew(&mut device, id, "n1", &csr).await;
+    assert_eq!(first["status"], "accepted", "{first}");
+    assert_eq!(
+        t.metric(r#"onboard_certificates_issued_total{kind="renewal"}"#)
+            .await,
+        1.0
+    );
+    device.disconnect().await;
+
+    let t = t.restart().await;
+    // The old certificate is still valid; the same request_id gets the same certificate.
+    let mut device = Client::connect(t.mtls_options(id, &old))
+        .await
+        .expect("old cert in grace");
+    device
+        .subscribe(&format!("devices/{id}/#"), QoS::AtLeastOnce)
+        .await;
+    let again = renew(&mut device, id, "n1", &csr).await;
+    assert_eq!(again, first);
+    assert_eq!(t.gw.store.credentials_of(id).await.unwrap().len(), 2);
+    // The grace period was reloaded from the store: the sweep ends it.
+    assert!(
+        device.closed_within(Duration::from_secs(10)).await,
+        "old session closed"
+    );
+    t.wait_event(id, "renewal_grace_expired").await;
+}
+
+#[tokio::test]
+async fn failed_acks_do_not_roll_back_when_disabled() {
+    let t = TestGateway::start_with(|c| c.lifecycle.rollback_on_failed_ack = false).await;
+    let id = "nr-1";
+    let (mut device, _) = active_device(&t, id).await;
+    device
+        .publish(
+            &format!("devices/{id}/config/ack"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"version":1,"status":"applied"}"#,
+        )
+        .await;
+    let mut ops = admin(&t, "ops").await;
+    let reply = command(
+        &mut ops,
+        &format!("admin/devices/{id}/config"),
+        json!({ "request_id": "k1", "automation_rules": [] }),
+    )
+    .await;
+    assert_eq!(reply["result"]["version"], 2);
+    device
+        .publish(
+            &format!("devices/{id}/config/ack"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"version":2,"status":"failed"}"#,
+        )
+        .await;
+    t.wait_event(id, "config_failed").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        t.gw.store.latest_config(id).await.unwrap().unwrap().version,
+        2
+    );
+    assert_eq!(
+        t.metric(r#"onboard_rollbacks_total{target="config",trigger="auto"}"#)
+            .await,
+        0.0
+    );
+}

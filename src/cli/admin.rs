@@ -451,7 +451,9 @@ pub async fn send(
                 .and_then(|p| serde_json::from_slice::<Value>(&p.payload).ok())
         }
         _ => {
-            session.subscribe(std::slice::from_ref(&response_topic)).await?;
+            session
+                .subscribe(std::slice::from_ref(&response_topic))
+                .await?;
             None
         }
     };
