@@ -1097,7 +1097,7 @@ async fn renewals_and_their_grace_periods_survive_a_restart() {
 async fn failed_acks_do_not_roll_back_when_disabled() {
     let t = TestGateway::start_with(|c| c.lifecycle.rollback_on_failed_ack = false).await;
     let id = "nr-1";
-    let (mut device, _) = active_device(&t, id).await;
+    let (device, _) = active_device(&t, id).await;
     device
         .publish(
             &format!("devices/{id}/config/ack"),
