@@ -482,27 +482,47 @@ pub fn csr_for(cn: &str) -> (String, String) {
 /// A CSR for `cn` carrying an RSA-1024 key (properly self-signed with it).
 pub fn weak_rsa_csr(cn: &str) -> String {
     let key = rsa_1024();
-    let remote = rcgen::KeyPair::from_remote(Box::new(RsaSigner { key: key.clone() })).expect("remote key");
+    let remote =
+        rcgen::KeyPair::from_remote(Box::new(RsaSigner { key: key.clone() })).expect("remote key");
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    params.serialize_request(&remote).expect("csr").pem().expect("pem")
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params
+        .serialize_request(&remote)
+        .expect("csr")
+        .pem()
+        .expect("pem")
 }
 
 /// The same CSR with its signature corrupted (no proof of possession).
 pub fn tampered_csr(csr_pem: &str) -> String {
     use base64::Engine;
-    let body: String = csr_pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let mut der = base64::engine::general_purpose::STANDARD.decode(body).expect("base64");
+    let body: String = csr_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let mut der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("base64");
     let last = der.len() - 1;
     der[last] ^= 0x01;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("ascii")).collect();
-    format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", lines.join("\n"))
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("ascii"))
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+        lines.join("\n")
+    )
 }
 
 pub fn rsa_1024() -> rsa::RsaPrivateKey {
     static KEY: std::sync::OnceLock<rsa::RsaPrivateKey> = std::sync::OnceLock::new();
-    KEY.get_or_init(|| rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).expect("RSA key")).clone()
+    KEY.get_or_init(|| rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).expect("RSA key"))
+        .clone()
 }
 
 /// Signs with an RSA key that ring refuses to load (< 2048 bits), for weak-key tests.
@@ -520,7 +540,12 @@ impl RsaSigner {
 
     pub fn public_key_der(&self) -> Vec<u8> {
         use rsa::pkcs8::EncodePublicKey;
-        self.key.to_public_key().to_public_key_der().expect("spki").as_bytes().to_vec()
+        self.key
+            .to_public_key()
+            .to_public_key_der()
+            .expect("spki")
+            .as_bytes()
+            .to_vec()
     }
 }
 
@@ -530,7 +555,12 @@ impl rcgen::RemoteKeyPair for RsaSigner {
         static PK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
         PK.get_or_init(|| {
             use rsa::pkcs1::EncodeRsaPublicKey;
-            self.key.to_public_key().to_pkcs1_der().expect("pkcs1").as_bytes().to_vec()
+            self.key
+                .to_public_key()
+                .to_pkcs1_der()
+                .expect("pkcs1")
+                .as_bytes()
+                .to_vec()
         })
     }
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
@@ -542,7 +572,10 @@ impl rcgen::RemoteKeyPair for RsaSigner {
 }
 
 impl rustls::sign::SigningKey for RsaSigner {
-    fn choose_scheme(&self, offered: &[rustls::SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+    fn choose_scheme(
+        &self,
+        offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
         offered
             .contains(&rustls::SignatureScheme::RSA_PKCS1_SHA256)
             .then(|| Box::new(self.clone()) as Box<dyn rustls::sign::Signer>)
@@ -565,7 +598,11 @@ impl rustls::sign::Signer for RsaSigner {
 struct FixedCert(Arc<rustls::sign::CertifiedKey>);
 
 impl rustls::client::ResolvesClientCert for FixedCert {
-    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
     }
     fn has_certs(&self) -> bool {
