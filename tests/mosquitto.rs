@@ -5,7 +5,6 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::harness::*;
 use onboard::store::DeviceState;
@@ -40,35 +39,41 @@ fn tls_args(dir: &Path, port: u16, id: &str, cert: &str, key: &str) -> Vec<Strin
     ]
 }
 
-/// Start `mosquitto_sub -C 1` and publish `message` (idempotently) until it prints something.
-fn request_reply(sub_args: &[String], pub_args: &[String]) -> String {
-    let child = Command::new("mosquitto_sub")
-        .args(sub_args)
-        .args(["-C", "1", "-W", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub");
-    let started = Instant::now();
-    let mut child = child;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            let out = child.wait_with_output().expect("output");
-            assert!(
-                status.success(),
-                "mosquitto_sub failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return String::from_utf8(out.stdout).expect("utf-8");
-        }
-        let status = Command::new("mosquitto_pub")
-            .args(pub_args)
-            .status()
-            .expect("mosquitto_pub");
-        assert!(status.success(), "mosquitto_pub failed");
-        assert!(started.elapsed() < Duration::from_secs(20), "no reply");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+fn run(binary: &str, args: &[String]) -> std::process::Output {
+    let out = Command::new(binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{binary}: {e}"));
+    assert!(
+        out.status.success(),
+        "{binary} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The bootstrap exchange with one client id (the certificate's CN) and two programs:
+/// subscribe in a persistent session and exit once subscribed, publish the request in the
+/// same session, then reconnect to collect the answer queued for it.
+fn request_reply(boot: &[String], request: &str) -> String {
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut args = boot.to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    run(
+        "mosquitto_sub",
+        &with(&["-c", "-E", "-t", "enroll/therm-7/response"]),
+    );
+    run(
+        "mosquitto_pub",
+        &with(&["-c", "-t", "enroll/therm-7/request", "-m", request]),
+    );
+    let out = run(
+        "mosquitto_sub",
+        &with(&["-c", "-C", "1", "-W", "10", "-t", "enroll/therm-7/response"]),
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,19 +94,8 @@ async fn mosquitto_clients_enroll_a_device_by_hand() {
     .unwrap();
     let port = t.gw.mtls_addr.port();
     let boot = tls_args(dir.path(), port, "therm-7", "therm-7.pem", "therm-7.key");
-    // mosquitto_sub and mosquitto_pub are two connections with the one client id the
-    // certificate allows; the newer takes the session over, so the subscriber keeps a persistent
-    // session (-c) and reconnects, and the request is repeated (idempotently) until answered.
-    let mut sub = boot.clone();
-    sub.extend(["-t".into(), "enroll/therm-7/response".into(), "-c".into()]);
-    let mut publish = boot.clone();
-    publish.extend([
-        "-t".into(),
-        "enroll/therm-7/request".into(),
-        "-m".into(),
-        r#"{"request_id":"m-1","device_type":"thermostat"}"#.into(),
-    ]);
-    let out = tokio::task::spawn_blocking(move || request_reply(&sub, &publish))
+    let request = r#"{"request_id":"m-1","device_type":"thermostat"}"#;
+    let out = tokio::task::spawn_blocking(move || request_reply(&boot, request))
         .await
         .unwrap();
     let resp: Value = serde_json::from_str(out.trim()).expect("JSON response");

@@ -56,7 +56,7 @@ async fn enrollment_and_activation_while_the_store_is_down() {
     let late = t
         .enroll("late-1", json!({"request_id": "a", "csr": csr2}))
         .await;
-    let mut late_client = Client::connect(t.mtls_options("late-1", &issued(&late, &key2)))
+    let late_client = Client::connect(t.mtls_options("late-1", &issued(&late, &key2)))
         .await
         .unwrap();
 
