@@ -171,10 +171,13 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging(serving: bool) {
+    // rumqttd logs every ordinary disconnect at ERROR ("router-drop"); the front logs what
+    // matters about connections, so the embedded broker's own log is off unless asked for
+    // (e.g. ONBOARD_LOG=info,rumqttd=info).
     let default = if serving {
-        "info,rumqttd=warn"
+        "info,rumqttd=off"
     } else {
-        "warn,rumqttd=error"
+        "warn,rumqttd=off"
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ONBOARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
