@@ -546,3 +546,37 @@ async fn operator_endpoints() {
     .await;
     let _ = Arc::new(());
 }
+
+#[tokio::test]
+async fn oversized_packets_close_the_connection() {
+    let t = TestGateway::start_with(|c| {
+        c.broker.max_payload_size = 8 * 1024;
+        c.enrollment.max_request_bytes = 4 * 1024;
+    })
+    .await;
+    let mut a = Client::connect(t.mtls_options("big", &t.admin("big")))
+        .await
+        .unwrap();
+    a.subscribe("admin/big", QoS::AtLeastOnce).await;
+    a.publish("admin/big", QoS::AtLeastOnce, false, vec![b'x'; 4 * 1024])
+        .await;
+    assert!(
+        a.recv_on("admin/big", WAIT).await.is_some(),
+        "below the limit goes through"
+    );
+    a.publish("admin/big", QoS::AtLeastOnce, false, vec![b'x'; 16 * 1024])
+        .await;
+    assert!(
+        a.closed_within(WAIT).await,
+        "over the limit closes the connection"
+    );
+    let event = t.wait_event("big", "protocol_violation").await;
+    assert!(
+        event.detail["detail"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds the limit"),
+        "{:?}",
+        event.detail
+    );
+}
