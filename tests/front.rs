@@ -427,18 +427,7 @@ async fn idle_and_slow_sockets_delay_nobody() {
 
     // A TLS session that never sends CONNECT is closed too.
     let mute = t.admin("mute");
-    let tls = client_tls(
-        &t.server_ca_pem(),
-        Some((&mute.certificate_pem, &mute.private_key_pem)),
-    );
-    let tcp = tokio::net::TcpStream::connect(t.gw.mtls_addr)
-        .await
-        .unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .expect("handshake");
+    let mut stream = t.raw_tls(&mute).await;
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
         .await
@@ -452,18 +441,7 @@ async fn idle_and_slow_sockets_delay_nobody() {
 async fn mqtt5_is_refused_with_unacceptable_protocol_version() {
     let t = TestGateway::start().await;
     let admin = t.admin("v5");
-    let tls = client_tls(
-        &t.server_ca_pem(),
-        Some((&admin.certificate_pem, &admin.private_key_pem)),
-    );
-    let tcp = tokio::net::TcpStream::connect(t.gw.mtls_addr)
-        .await
-        .unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut stream = t.raw_tls(&admin).await;
     // CONNECT, protocol level 5, empty properties, client id "v5".
     let connect = [
         0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30, 0, 0, 2, b'v', b'5',

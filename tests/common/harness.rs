@@ -125,6 +125,25 @@ impl TestGateway {
         o
     }
 
+    /// A bare TLS stream to the mTLS listener with `cert` (for hand-written MQTT bytes).
+    pub async fn raw_tls(
+        &self,
+        cert: &CertAndKey,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tls = client_tls(
+            &self.server_ca_pem(),
+            Some((&cert.certificate_pem, &cert.private_key_pem)),
+        );
+        let tcp = tokio::net::TcpStream::connect(self.gw.mtls_addr)
+            .await
+            .expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake")
+    }
+
     /// Value of one sample of `/metrics`, e.g. `onboard_auth_failures_total{reason="expired"}`
     /// (labels in the order the exposition prints them). 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
