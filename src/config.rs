@@ -332,3 +332,16 @@ mod tests {
         assert!(err.to_string().contains("pki.device_id_pattern"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod shipped_file {
+    /// The commented file in config/ states exactly the built-in defaults.
+    #[test]
+    fn config_file_matches_the_defaults() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/onboard.toml"))
+                .expect("config/onboard.toml");
+        let from_file = super::Config::from_toml(&text).expect("valid");
+        assert_eq!(from_file, super::Config::default());
+    }
+}

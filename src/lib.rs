@@ -28,6 +28,7 @@
 pub mod admin;
 pub mod audit;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod front;
@@ -40,4 +41,3 @@ pub mod pki;
 pub mod simulate;
 pub mod store;
 pub mod templates;
-pub mod cli;

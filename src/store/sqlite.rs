@@ -934,6 +934,8 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    /// Readable and writable: the write lock can be taken within `busy_timeout` (an empty
+    /// IMMEDIATE transaction), so a file that is locked or read-only reports unreachable.
     async fn ping(&self) -> StoreResult<()> {
         self.read(|conn| {
             conn.prepare_cached("SELECT 1")
@@ -942,7 +944,8 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
             Ok(())
         })
-        .await
+        .await?;
+        self.write(|_| Ok(())).await
     }
 
     // ---- devices ------------------------------------------------------------------------------
