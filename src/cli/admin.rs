@@ -496,6 +496,99 @@ mod tests {
         assert!(config_body(None, None, &[]).is_err());
     }
 
+    #[derive(clap::Parser)]
+    #[command(name = "onboard", version, propagate_version = true)]
+    struct Wrapper {
+        #[command(flatten)]
+        conn: AdminConnection,
+        #[command(subcommand)]
+        cmd: AdminCommand,
+    }
+
+    #[test]
+    fn arguments_parse_as_documented() {
+        use clap::{CommandFactory, Parser};
+        Wrapper::command().debug_assert();
+        let hash = "0".repeat(64);
+        let w = Wrapper::try_parse_from([
+            "onboard",
+            "--cert",
+            "a.pem",
+            "--key",
+            "a.key",
+            "firmware",
+            "d1",
+            "d2",
+            "--version",
+            "2.0",
+            "--url",
+            "https://x/y",
+            "--sha256",
+            &hash,
+            "--size",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!((w.conn.host.as_str(), w.conn.port), ("localhost", 8883));
+        assert!(
+            matches!(w.cmd, AdminCommand::Firmware { ref devices, ref version, .. } if devices.len() == 2 && version == "2.0")
+        );
+        let w = Wrapper::try_parse_from([
+            "onboard",
+            "--cert",
+            "a",
+            "--key",
+            "b",
+            "rollback",
+            "d1",
+            "--target",
+            "enrollment",
+        ])
+        .unwrap();
+        assert!(matches!(
+            w.cmd,
+            AdminCommand::Rollback {
+                target: RollbackTarget::Enrollment,
+                ..
+            }
+        ));
+        let w = Wrapper::try_parse_from([
+            "onboard",
+            "--cert",
+            "a",
+            "--key",
+            "b",
+            "config",
+            "d1",
+            "--set",
+            "settings.mode=cool",
+            "--set",
+            "qos.telemetry=1",
+        ])
+        .unwrap();
+        assert!(matches!(w.cmd, AdminCommand::Config { ref set, .. } if set.len() == 2));
+        assert!(
+            Wrapper::try_parse_from([
+                "onboard",
+                "--cert",
+                "a",
+                "--key",
+                "b",
+                "firmware",
+                "--version",
+                "1",
+                "--url",
+                "u",
+                "--sha256",
+                "h",
+                "--size",
+                "1",
+            ])
+            .is_err(),
+            "devices or --type required"
+        );
+    }
+
     #[test]
     fn firmware_targets_pick_the_topic() {
         let fw = |devices: Vec<&str>, t: Option<&str>| AdminCommand::Firmware {
