@@ -29,7 +29,7 @@ const ANSWER_TTL: Duration = Duration::from_secs(3600);
 /// Certificates expiring within this many days count in `onboard_certificates_expiring`.
 pub const EXPIRING_DAYS: i64 = 30;
 /// The expiring-certificates gauge is refreshed every this many sweeps.
-const EXPIRING_EVERY: u64 = 10;
+const EXPIRING_EVERY: u64 = 30;
 /// Devices read per page when reloading grace periods at start.
 const RESTORE_PAGE: u32 = 1000;
 
