@@ -146,9 +146,10 @@ impl Connection {
         Ok(self.query(context, sql, params).await?.into_iter().next())
     }
 
-    /// Run a parameter-free batch (DDL, transaction control). Only ever called with constant
-    /// text, never with data.
-    pub async fn batch(&mut self, context: &str, sql: &'static str) -> StoreResult<()> {
+    /// Run a parameter-free batch (DDL, transaction control). Only ever called with text the
+    /// store builds itself (constant templates filled in with the validated schema name),
+    /// never with data.
+    pub async fn batch(&mut self, context: &str, sql: &str) -> StoreResult<()> {
         self.busy = true;
         let client = &mut self.client;
         let result = tokio::time::timeout(self.query_timeout, async move {

@@ -4,7 +4,9 @@
 //!   the server in every log line and error.
 //! - `conn`: a pooled session that is discarded rather than reused whenever its state is
 //!   uncertain (I/O error, timeout, a cancelled request, an unfinished transaction).
-//! - `schema`: versioned migrations applied at connect under `sp_getapplock`.
+//! - `schema`: the configurable schema name and the versioned migrations applied at connect
+//!   under `sp_getapplock`.
+//! - `statements`: every statement, rendered once per store with its bracket-quoted schema.
 //! - `errors`: server error numbers to [`StoreError`], and the retry back-off.
 //! - `rows`: pure row-to-domain conversions.
 //!
@@ -22,6 +24,7 @@ mod conn;
 mod errors;
 mod rows;
 mod schema;
+mod statements;
 mod url;
 
 use std::time::Duration;
@@ -31,16 +34,15 @@ use tiberius::ToSql;
 use time::OffsetDateTime;
 
 use self::conn::{Connection, LastError, Manager};
-use self::rows::{
-    int64, json_text, null_slots, to_db_time, ABSENT_TIME, CONFIG_COLUMNS, CREDENTIAL_COLUMNS,
-    DEVICE_COLUMNS, EVENT_COLUMNS, FIRMWARE_COLUMNS,
-};
+use self::rows::{int64, json_text, null_slots, to_db_time, ABSENT_TIME};
+use self::statements::Statements;
 use super::*;
 
 pub use self::errors::{
     backoff_ceiling, backoff_delay, classify, classify_code, ErrorClass, BACKOFF_BASE, BACKOFF_CAP,
 };
 use self::errors::{Retry, Step};
+pub use self::schema::SchemaName;
 pub use self::url::{looks_like_mssql, Target};
 
 type Pooled = bb8::PooledConnection<'static, Manager>;
@@ -51,8 +53,10 @@ const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(120);
 /// The SQL Server store. Cheap to share; every method checks a connection out of the pool.
 pub struct MssqlStore {
     pool: bb8::Pool<Manager>,
-    /// Names the server in logs and errors (never the password).
+    /// Names the server in logs and errors (never the password), and the schema.
     target: Target,
+    /// Every statement, rendered for `target.schema`.
+    sql: Statements,
     /// Retries of an operation that failed with a transient error.
     max_retries: u32,
     /// Bound on a pool checkout.
@@ -111,6 +115,7 @@ impl MssqlStore {
             .build_unchecked(manager);
         let store = MssqlStore {
             pool,
+            sql: Statements::new(&target.schema),
             target,
             max_retries: config.max_retries,
             checkout_timeout: connect_timeout,
@@ -128,7 +133,13 @@ impl MssqlStore {
         loop {
             let result = async {
                 let mut conn = self.pool.dedicated_connection().await?;
-                schema::migrate(&mut conn, query_timeout, MIGRATION_LOCK_WAIT).await
+                schema::migrate(
+                    &mut conn,
+                    &self.target.schema,
+                    query_timeout,
+                    MIGRATION_LOCK_WAIT,
+                )
+                .await
             }
             .await;
             let step = retry.step(result, &mut rand::thread_rng());
@@ -142,14 +153,21 @@ impl MssqlStore {
         }
     }
 
-    /// Drop every table this store created, including the migrations table. Meant for a
-    /// dedicated test database (the contract suite cleans up with it); never call it on a
-    /// production inventory.
+    /// Drop every table this store created, including the migrations table, and then its
+    /// schema unless that is `dbo` (a schema still holding other objects is left in place with
+    /// an error). Meant for a throw-away test schema (the contract suite cleans up with it);
+    /// never call it on a production inventory.
     pub async fn drop_schema(&self) -> StoreResult<()> {
+        let schema = &self.target.schema;
         self.run("drop_schema", |mut c| {
-            Box::pin(async move { schema::drop_all(&mut c).await })
+            Box::pin(async move { schema::drop_all(&mut c, schema).await })
         })
         .await
+    }
+
+    /// The schema holding this store's tables.
+    pub fn schema(&self) -> &SchemaName {
+        &self.target.schema
     }
 
     /// The server this store talks to, password-free.
@@ -215,123 +233,17 @@ fn name_server(error: StoreError, target: &Target) -> StoreError {
     }
 }
 
-// ---- statements ---------------------------------------------------------------------------
-
-const INSERT_EVENT: &str = "INSERT INTO dbo.onboard_events \
-    (device_id, occurred_at, event_name, detail, actor, request_id) \
-    VALUES (@P1, @P2, @P3, @P4, @P5, CAST(@P6 AS nvarchar(128)))";
-
-const INSERT_PENDING_DEVICE: &str = "INSERT INTO dbo.onboard_devices \
-    (id, device_type, model, location, firmware_version, state, generation, created_at, updated_at) \
-    VALUES (@P1, @P2, CAST(@P3 AS nvarchar(400)), CAST(@P4 AS nvarchar(400)), \
-    CAST(@P5 AS nvarchar(128)), N'pending', 0, @P6, @P6)";
-
-const UPDATE_PENDING_DEVICE: &str = "UPDATE d SET d.device_type = @P2, \
-    d.model = CAST(@P3 AS nvarchar(400)), d.location = CAST(@P4 AS nvarchar(400)), \
-    d.firmware_version = CAST(@P5 AS nvarchar(128)), d.updated_at = @P6 \
-    FROM dbo.onboard_devices AS d WHERE d.id = @P1 AND d.state = N'pending'";
-
-const UPDATE_DEVICE_FOR_ENROLLMENT: &str = "UPDATE d SET d.device_type = @P2, \
-    d.model = COALESCE(CAST(@P3 AS nvarchar(400)), d.model), \
-    d.location = COALESCE(CAST(@P4 AS nvarchar(400)), d.location), \
-    d.firmware_version = COALESCE(CAST(@P5 AS nvarchar(128)), d.firmware_version), \
-    d.state = N'enrolling', d.credential_kind = @P6, d.current_serial = @P7, \
-    d.generation = d.generation + 1, d.updated_at = @P8, d.enrolled_at = @P8, \
-    d.activated_at = NULL, d.activation_deadline = @P9, d.last_error = NULL \
-    OUTPUT INSERTED.generation \
-    FROM dbo.onboard_devices AS d \
-    WHERE d.id = @P1 AND d.generation = @P10 AND d.state <> N'revoked'";
-
-const INSERT_DEVICE_FOR_ENROLLMENT: &str = "INSERT INTO dbo.onboard_devices \
-    (id, device_type, model, location, firmware_version, state, credential_kind, current_serial, \
-     generation, created_at, updated_at, enrolled_at, activation_deadline) \
-    VALUES (@P1, @P2, CAST(@P3 AS nvarchar(400)), CAST(@P4 AS nvarchar(400)), \
-    CAST(@P5 AS nvarchar(128)), N'enrolling', @P6, @P7, 1, @P8, @P8, @P8, @P9)";
-
-const INSERT_CREDENTIAL: &str = "INSERT INTO dbo.onboard_credentials \
-    (serial, fingerprint, device_id, kind, password_hash, not_after, created_at, activated_at, \
-     revoked_at, revoke_reason) \
-    VALUES (@P1, @P2, @P3, @P4, CAST(@P5 AS nvarchar(400)), CAST(@P6 AS datetime2), @P7, \
-    CAST(@P8 AS datetime2), CAST(@P9 AS datetime2), CAST(@P10 AS nvarchar(400)))";
-
-const REVOKE_DEVICE_CREDENTIALS: &str = "UPDATE c SET c.revoked_at = @P2, c.revoke_reason = @P3 \
-    OUTPUT INSERTED.serial \
-    FROM dbo.onboard_credentials AS c WHERE c.device_id = @P1 AND c.revoked_at IS NULL";
-
-/// Insert configuration version latest + 1 (1 for the first) and return the new row.
-const INSERT_NEXT_CONFIG: &str = "INSERT INTO dbo.onboard_device_configs \
-    (device_id, version, body, created_by, created_at) \
-    OUTPUT INSERTED.device_id, INSERTED.version, INSERTED.body, INSERTED.created_by, \
-    INSERTED.created_at, INSERTED.applied_at, INSERTED.failed_error \
-    SELECT @P1, COALESCE(MAX(c.version), 0) + 1, @P2, @P3, @P4 \
-    FROM dbo.onboard_device_configs AS c WHERE c.device_id = @P1";
-
-const SET_DEVICE_STATE: &str = "UPDATE d SET d.state = @P2, \
-    d.last_error = CAST(@P3 AS nvarchar(max)), d.updated_at = @P4 \
-    OUTPUT DELETED.state AS previous \
-    FROM dbo.onboard_devices AS d WHERE d.id = @P1";
-
-const INSERT_FIRMWARE_JOB: &str = "INSERT INTO dbo.onboard_firmware_jobs \
-    (job_id, device_id, version, url, sha256, size, status, error, created_by, created_at, \
-     updated_at) \
-    VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7, CAST(@P8 AS nvarchar(max)), @P9, @P10, @P11)";
-
-const UPDATE_FIRMWARE_JOB: &str = "UPDATE f SET f.status = @P3, \
-    f.error = CAST(@P4 AS nvarchar(max)), f.updated_at = @P5 \
-    FROM dbo.onboard_firmware_jobs AS f WHERE f.job_id = @P1 AND f.device_id = @P2";
-
-const INSERT_ENROLLMENT: &str = "INSERT INTO dbo.onboard_enrollments \
-    (device_id, request_id, serial, response, created_at) VALUES (@P1, @P2, @P3, @P4, @P5)";
-
-/// `SELECT` of the devices list, with the optional filters present as fixed fragments and
-/// numbered placeholders in the order: state, device type, expiring-before, offset, limit.
-fn device_list_sql(
-    state: bool,
-    device_type: bool,
-    expiring: bool,
-    paged: bool,
-    limit: bool,
-) -> String {
-    let mut sql = format!("SELECT {DEVICE_COLUMNS} FROM dbo.onboard_devices AS d WHERE 1 = 1");
-    let mut n = 0;
-    let mut next = || {
-        n += 1;
-        n
-    };
-    if state {
-        sql.push_str(&format!(" AND d.state = @P{}", next()));
-    }
-    if device_type {
-        sql.push_str(&format!(" AND d.device_type = @P{}", next()));
-    }
-    if expiring {
-        sql.push_str(&format!(
-            " AND EXISTS (SELECT 1 FROM dbo.onboard_credentials AS c \
-             WHERE c.serial = d.current_serial AND c.not_after < @P{})",
-            next()
-        ));
-    }
-    sql.push_str(" ORDER BY d.id");
-    if paged || limit {
-        sql.push_str(&format!(" OFFSET @P{} ROWS", next()));
-        if limit {
-            sql.push_str(&format!(" FETCH NEXT @P{} ROWS ONLY", next()));
-        }
-    }
-    sql
-}
-
 // ---- transaction bodies -------------------------------------------------------------------
 
-async fn insert_event(c: &mut Connection, event: &AuditEvent) -> StoreResult<()> {
+async fn insert_event(c: &mut Connection, sql: &Statements, event: &AuditEvent) -> StoreResult<()> {
     let at = to_db_time(event.at);
     let detail = json_text(&event.detail);
     let request_id = event.request_id.as_deref();
-    let sql = null_slots(INSERT_EVENT, [(6, request_id.is_none())]);
+    let text = null_slots(&sql.insert_event, [(6, request_id.is_none())]);
     let request_id = request_id.unwrap_or_default();
     c.execute(
         "append event",
-        &sql,
+        &text,
         &[
             &event.device_id.as_str(),
             &at,
@@ -345,9 +257,13 @@ async fn insert_event(c: &mut Connection, event: &AuditEvent) -> StoreResult<()>
     Ok(())
 }
 
-async fn insert_credential_row(c: &mut Connection, cred: &Credential) -> StoreResult<()> {
-    let sql = null_slots(
-        INSERT_CREDENTIAL,
+async fn insert_credential_row(
+    c: &mut Connection,
+    sql: &Statements,
+    cred: &Credential,
+) -> StoreResult<()> {
+    let text = null_slots(
+        &sql.insert_credential,
         [
             (5, cred.password_hash.is_none()),
             (6, cred.not_after.is_none()),
@@ -363,7 +279,7 @@ async fn insert_credential_row(c: &mut Connection, cred: &Credential) -> StoreRe
     let revoked_at = time_or_absent(cred.revoked_at);
     c.execute(
         "insert credential",
-        &sql,
+        &text,
         &[
             &cred.serial.as_str(),
             &cred.fingerprint.as_slice(),
@@ -389,6 +305,7 @@ async fn insert_credential_row(c: &mut Connection, cred: &Credential) -> StoreRe
 
 async fn insert_next_config(
     c: &mut Connection,
+    sql: &Statements,
     device_id: &str,
     body: &serde_json::Value,
     created_by: &str,
@@ -399,7 +316,7 @@ async fn insert_next_config(
     let row = c
         .query_opt(
             "insert config",
-            INSERT_NEXT_CONFIG,
+            &sql.insert_next_config,
             &[&device_id, &body.as_str(), &created_by, &now],
         )
         .await?
@@ -409,6 +326,7 @@ async fn insert_next_config(
 
 async fn commit_enrollment_body(
     c: &mut Connection,
+    sql: &Statements,
     commit: &EnrollmentCommit,
 ) -> StoreResult<EnrollmentCommitted> {
     let now = OffsetDateTime::now_utc();
@@ -432,7 +350,7 @@ async fn commit_enrollment_body(
             let row = c
                 .query_opt(
                     "commit_enrollment: update device",
-                    &null_slots(UPDATE_DEVICE_FOR_ENROLLMENT, absent),
+                    &null_slots(&sql.update_device_for_enrollment, absent),
                     &[
                         &device_id,
                         &commit.device_type.as_str(),
@@ -460,7 +378,7 @@ async fn commit_enrollment_body(
         None => {
             c.execute(
                 "commit_enrollment: insert device",
-                &null_slots(INSERT_DEVICE_FOR_ENROLLMENT, absent),
+                &null_slots(&sql.insert_device_for_enrollment, absent),
                 &[
                     &device_id,
                     &commit.device_type.as_str(),
@@ -488,7 +406,7 @@ async fn commit_enrollment_body(
     let response = json_text(&commit.response);
     c.execute(
         "commit_enrollment: record enrollment",
-        INSERT_ENROLLMENT,
+        &sql.insert_enrollment,
         &[
             &device_id,
             &commit.request_id.as_str(),
@@ -510,23 +428,24 @@ async fn commit_enrollment_body(
     if let Some(reason) = &commit.revoke_others {
         c.query(
             "commit_enrollment: revoke others",
-            REVOKE_DEVICE_CREDENTIALS,
+            &sql.revoke_device_credentials,
             &[&device_id, &now_db, &reason.as_str()],
         )
         .await?;
     }
 
     // 4. The credential, the configuration version, the audit events.
-    insert_credential_row(c, &commit.credential).await?;
-    let config = insert_next_config(c, device_id, &commit.config_body, "gateway", now).await?;
+    insert_credential_row(c, sql, &commit.credential).await?;
+    let config = insert_next_config(c, sql, device_id, &commit.config_body, "gateway", now).await?;
     for event in &commit.events {
-        insert_event(c, event).await?;
+        insert_event(c, sql, event).await?;
     }
     Ok(EnrollmentCommitted { config, generation })
 }
 
 async fn activate_body(
     c: &mut Connection,
+    sql: &Statements,
     device_id: &str,
     serial: &str,
     event: &AuditEvent,
@@ -535,9 +454,7 @@ async fn activate_body(
     let changed = c
         .execute(
             "activate: device",
-            "UPDATE d SET d.state = N'active', d.activated_at = @P3, d.updated_at = @P3 \
-             FROM dbo.onboard_devices AS d \
-             WHERE d.id = @P1 AND d.state = N'enrolling' AND d.current_serial = @P2",
+            &sql.activate_device,
             &[&device_id, &serial, &now],
         )
         .await?;
@@ -546,25 +463,23 @@ async fn activate_body(
     }
     c.execute(
         "activate: credential",
-        "UPDATE c SET c.activated_at = COALESCE(c.activated_at, @P2) \
-         FROM dbo.onboard_credentials AS c WHERE c.serial = @P1",
+        &sql.activate_credential,
         &[&serial, &now],
     )
     .await?;
     c.execute(
         "activate: supersede",
-        "UPDATE c SET c.revoked_at = @P3, c.revoke_reason = N'superseded' \
-         FROM dbo.onboard_credentials AS c \
-         WHERE c.device_id = @P1 AND c.serial <> @P2 AND c.revoked_at IS NULL",
+        &sql.activate_supersede,
         &[&device_id, &serial, &now],
     )
     .await?;
-    insert_event(c, event).await?;
+    insert_event(c, sql, event).await?;
     Ok(true)
 }
 
 async fn expire_body(
     c: &mut Connection,
+    sql: &Statements,
     device_id: &str,
     serial: &str,
     event: &AuditEvent,
@@ -573,10 +488,7 @@ async fn expire_body(
     let changed = c
         .execute(
             "expire_enrollment: device",
-            "UPDATE d SET d.state = N'failed', d.last_error = N'activation_timeout', \
-             d.updated_at = @P3 \
-             FROM dbo.onboard_devices AS d \
-             WHERE d.id = @P1 AND d.state = N'enrolling' AND d.current_serial = @P2",
+            &sql.expire_device,
             &[&device_id, &serial, &now],
         )
         .await?;
@@ -585,26 +497,24 @@ async fn expire_body(
     }
     c.execute(
         "expire_enrollment: credential",
-        "UPDATE c SET c.revoked_at = @P2, c.revoke_reason = N'activation_timeout' \
-         FROM dbo.onboard_credentials AS c WHERE c.serial = @P1 AND c.revoked_at IS NULL",
+        &sql.expire_credential,
         &[&serial, &now],
     )
     .await?;
-    insert_event(c, event).await?;
+    insert_event(c, sql, event).await?;
     Ok(true)
 }
 
-async fn import_body(c: &mut Connection, devices: &[NewDevice]) -> StoreResult<ImportOutcome> {
+async fn import_body(
+    c: &mut Connection,
+    sql: &Statements,
+    devices: &[NewDevice],
+) -> StoreResult<ImportOutcome> {
     let now = to_db_time(OffsetDateTime::now_utc());
     let mut outcome = ImportOutcome::default();
     for device in devices {
         let existing = c
-            .query_opt(
-                "import: lookup",
-                "SELECT d.device_type, d.model, d.location, d.firmware_version, d.state \
-                 FROM dbo.onboard_devices AS d WHERE d.id = @P1",
-                &[&device.id.as_str()],
-            )
+            .query_opt("import: lookup", &sql.import_lookup, &[&device.id.as_str()])
             .await?
             .map(|row| rows::existing_device(&row))
             .transpose()?;
@@ -625,7 +535,7 @@ async fn import_body(c: &mut Connection, devices: &[NewDevice]) -> StoreResult<I
             rows::ImportAction::Insert => {
                 c.execute(
                     "import: insert",
-                    &null_slots(INSERT_PENDING_DEVICE, absent),
+                    &null_slots(&sql.insert_pending_device, absent),
                     &params,
                 )
                 .await?;
@@ -634,7 +544,7 @@ async fn import_body(c: &mut Connection, devices: &[NewDevice]) -> StoreResult<I
             rows::ImportAction::Update => {
                 if c.execute(
                     "import: update",
-                    &null_slots(UPDATE_PENDING_DEVICE, absent),
+                    &null_slots(&sql.update_pending_device, absent),
                     &params,
                 )
                 .await?
@@ -676,8 +586,7 @@ impl Store for MssqlStore {
     // ---- devices ------------------------------------------------------------------------
 
     async fn device(&self, id: &str) -> StoreResult<Option<Device>> {
-        let sql = format!("SELECT {DEVICE_COLUMNS} FROM dbo.onboard_devices AS d WHERE d.id = @P1");
-        let sql = &sql;
+        let sql = &self.sql.device;
         self.run("device", |mut c| {
             Box::pin(async move {
                 c.query_opt("device", sql, &[&id])
@@ -699,7 +608,7 @@ impl Store for MssqlStore {
             // `FETCH NEXT 0 ROWS` is an error in T-SQL.
             return Ok(Vec::new());
         }
-        let sql = device_list_sql(
+        let sql = self.sql.device_list(
             state.is_some(),
             device_type.is_some(),
             expiring.is_some(),
@@ -739,12 +648,7 @@ impl Store for MssqlStore {
         self.run("count_by_state", |mut c| {
             Box::pin(async move {
                 let rows = c
-                    .query(
-                        "count_by_state",
-                        "SELECT d.state, COUNT_BIG(*) AS n FROM dbo.onboard_devices AS d \
-                         GROUP BY d.state",
-                        &[],
-                    )
+                    .query("count_by_state", &self.sql.count_by_state, &[])
                     .await?;
                 let counted = collect(rows, |row| {
                     Ok((
@@ -762,7 +666,7 @@ impl Store for MssqlStore {
         self.run("import_devices", |mut c| {
             Box::pin(async move {
                 c.begin().await?;
-                let result = import_body(&mut c, devices).await;
+                let result = import_body(&mut c, &self.sql, devices).await;
                 c.finish(result).await
             })
         })
@@ -782,7 +686,7 @@ impl Store for MssqlStore {
                 c.begin().await?;
                 let result = async {
                     let now = to_db_time(OffsetDateTime::now_utc());
-                    let sql = null_slots(SET_DEVICE_STATE, [(3, last_error.is_none())]);
+                    let sql = null_slots(&self.sql.set_device_state, [(3, last_error.is_none())]);
                     let row = c
                         .query_opt(
                             "set_device_state",
@@ -792,7 +696,7 @@ impl Store for MssqlStore {
                         .await?
                         .ok_or_else(|| StoreError::NotFound(format!("device {id}")))?;
                     let previous = rows::text(&row, "previous")?.parse::<DeviceState>()?;
-                    insert_event(&mut c, event).await?;
+                    insert_event(&mut c, &self.sql, event).await?;
                     Ok(previous)
                 }
                 .await;
@@ -809,8 +713,7 @@ impl Store for MssqlStore {
                 let n = c
                     .execute(
                         "set_firmware_version",
-                        "UPDATE d SET d.firmware_version = @P2, d.updated_at = @P3 \
-                         FROM dbo.onboard_devices AS d WHERE d.id = @P1",
+                        &self.sql.set_firmware_version,
                         &[&id, &version, &now],
                     )
                     .await?;
@@ -834,9 +737,7 @@ impl Store for MssqlStore {
             Box::pin(async move {
                 c.query_opt(
                     "find_enrollment",
-                    "SELECT e.device_id, e.request_id, e.serial, e.response, e.created_at \
-                     FROM dbo.onboard_enrollments AS e \
-                     WHERE e.device_id = @P1 AND e.request_id = @P2",
+                    &self.sql.find_enrollment,
                     &[&device_id, &request_id],
                 )
                 .await?
@@ -855,7 +756,7 @@ impl Store for MssqlStore {
         self.run("commit_enrollment", |mut c| {
             Box::pin(async move {
                 c.begin().await?;
-                let result = commit_enrollment_body(&mut c, commit).await;
+                let result = commit_enrollment_body(&mut c, &self.sql, commit).await;
                 c.finish(result).await
             })
         })
@@ -866,13 +767,7 @@ impl Store for MssqlStore {
         self.run("pending_activations", |mut c| {
             Box::pin(async move {
                 let rows = c
-                    .query(
-                        "pending_activations",
-                        "SELECT d.id, d.current_serial, d.activation_deadline \
-                         FROM dbo.onboard_devices AS d WHERE d.state = N'enrolling' \
-                         ORDER BY d.activation_deadline, d.id",
-                        &[],
-                    )
+                    .query("pending_activations", &self.sql.pending_activations, &[])
                     .await?;
                 let mut pending = Vec::with_capacity(rows.len());
                 for row in &rows {
@@ -908,7 +803,7 @@ impl Store for MssqlStore {
         self.run("activate", |mut c| {
             Box::pin(async move {
                 c.begin().await?;
-                let result = activate_body(&mut c, device_id, serial, event).await;
+                let result = activate_body(&mut c, &self.sql, device_id, serial, event).await;
                 c.finish(result).await
             })
         })
@@ -925,7 +820,7 @@ impl Store for MssqlStore {
         self.run("expire_enrollment", |mut c| {
             Box::pin(async move {
                 c.begin().await?;
-                let result = expire_body(&mut c, device_id, serial, event).await;
+                let result = expire_body(&mut c, &self.sql, device_id, serial, event).await;
                 c.finish(result).await
             })
         })
@@ -935,10 +830,7 @@ impl Store for MssqlStore {
     // ---- credentials --------------------------------------------------------------------
 
     async fn credential(&self, serial: &str) -> StoreResult<Option<Credential>> {
-        let sql = format!(
-            "SELECT {CREDENTIAL_COLUMNS} FROM dbo.onboard_credentials AS c WHERE c.serial = @P1"
-        );
-        let sql = &sql;
+        let sql = &self.sql.credential;
         self.run("credential", |mut c| {
             Box::pin(async move {
                 c.query_opt("credential", sql, &[&serial])
@@ -951,11 +843,7 @@ impl Store for MssqlStore {
     }
 
     async fn credentials_of(&self, device_id: &str) -> StoreResult<Vec<Credential>> {
-        let sql = format!(
-            "SELECT {CREDENTIAL_COLUMNS} FROM dbo.onboard_credentials AS c \
-             WHERE c.device_id = @P1 ORDER BY c.created_at, c.serial"
-        );
-        let sql = &sql;
+        let sql = &self.sql.credentials_of;
         self.run("credentials_of", |mut c| {
             Box::pin(async move {
                 let rows = c.query("credentials_of", sql, &[&device_id]).await?;
@@ -975,8 +863,8 @@ impl Store for MssqlStore {
             Box::pin(async move {
                 c.begin().await?;
                 let result = async {
-                    insert_credential_row(&mut c, credential).await?;
-                    insert_event(&mut c, event).await
+                    insert_credential_row(&mut c, &self.sql, credential).await?;
+                    insert_event(&mut c, &self.sql, event).await
                 }
                 .await;
                 c.finish(result).await
@@ -992,8 +880,7 @@ impl Store for MssqlStore {
                 let n = c
                     .execute(
                         "mark_credential_used",
-                        "UPDATE c SET c.activated_at = @P2 FROM dbo.onboard_credentials AS c \
-                         WHERE c.serial = @P1 AND c.activated_at IS NULL",
+                        &self.sql.mark_credential_used,
                         &[&serial, &now],
                     )
                     .await?;
@@ -1010,9 +897,7 @@ impl Store for MssqlStore {
                 let n = c
                     .execute(
                         "revoke_credential",
-                        "UPDATE c SET c.revoked_at = @P2, c.revoke_reason = @P3 \
-                         FROM dbo.onboard_credentials AS c \
-                         WHERE c.serial = @P1 AND c.revoked_at IS NULL",
+                        &self.sql.revoke_credential,
                         &[&serial, &now, &reason],
                     )
                     .await?;
@@ -1033,7 +918,7 @@ impl Store for MssqlStore {
                 let rows = c
                     .query(
                         "revoke_device_credentials",
-                        REVOKE_DEVICE_CREDENTIALS,
+                        &self.sql.revoke_device_credentials,
                         &[&device_id, &now, &reason],
                     )
                     .await?;
@@ -1049,12 +934,7 @@ impl Store for MssqlStore {
         self.run("revoked_serials", |mut c| {
             Box::pin(async move {
                 let rows = c
-                    .query(
-                        "revoked_serials",
-                        "SELECT c.serial FROM dbo.onboard_credentials AS c \
-                         WHERE c.revoked_at IS NOT NULL ORDER BY c.serial",
-                        &[],
-                    )
+                    .query("revoked_serials", &self.sql.revoked_serials, &[])
                     .await?;
                 collect(rows, |row| rows::text(row, "serial"))
             })
@@ -1065,11 +945,7 @@ impl Store for MssqlStore {
     // ---- configuration ------------------------------------------------------------------
 
     async fn latest_config(&self, device_id: &str) -> StoreResult<Option<DeviceConfig>> {
-        let sql = format!(
-            "SELECT TOP (1) {CONFIG_COLUMNS} FROM dbo.onboard_device_configs AS c \
-             WHERE c.device_id = @P1 ORDER BY c.version DESC"
-        );
-        let sql = &sql;
+        let sql = &self.sql.latest_config;
         self.run("latest_config", |mut c| {
             Box::pin(async move {
                 c.query_opt("latest_config", sql, &[&device_id])
@@ -1086,11 +962,7 @@ impl Store for MssqlStore {
         device_id: &str,
         version: i64,
     ) -> StoreResult<Option<DeviceConfig>> {
-        let sql = format!(
-            "SELECT {CONFIG_COLUMNS} FROM dbo.onboard_device_configs AS c \
-             WHERE c.device_id = @P1 AND c.version = @P2"
-        );
-        let sql = &sql;
+        let sql = &self.sql.config_version;
         self.run("config_version", |mut c| {
             Box::pin(async move {
                 c.query_opt("config_version", sql, &[&device_id, &version])
@@ -1103,11 +975,7 @@ impl Store for MssqlStore {
     }
 
     async fn config_history(&self, device_id: &str) -> StoreResult<Vec<DeviceConfig>> {
-        let sql = format!(
-            "SELECT {CONFIG_COLUMNS} FROM dbo.onboard_device_configs AS c \
-             WHERE c.device_id = @P1 ORDER BY c.version"
-        );
-        let sql = &sql;
+        let sql = &self.sql.config_history;
         self.run("config_history", |mut c| {
             Box::pin(async move {
                 let rows = c.query("config_history", sql, &[&device_id]).await?;
@@ -1118,15 +986,7 @@ impl Store for MssqlStore {
     }
 
     async fn published_configs(&self) -> StoreResult<Vec<DeviceConfig>> {
-        let sql = format!(
-            "SELECT {CONFIG_COLUMNS} FROM dbo.onboard_device_configs AS c \
-             INNER JOIN dbo.onboard_devices AS d ON d.id = c.device_id \
-             WHERE d.state IN (N'enrolling', N'active') \
-             AND c.version = (SELECT MAX(c2.version) FROM dbo.onboard_device_configs AS c2 \
-                              WHERE c2.device_id = c.device_id) \
-             ORDER BY c.device_id"
-        );
-        let sql = &sql;
+        let sql = &self.sql.published_configs;
         self.run("published_configs", |mut c| {
             Box::pin(async move {
                 let rows = c.query("published_configs", sql, &[]).await?;
@@ -1154,10 +1014,11 @@ impl Store for MssqlStore {
                         c.begin().await?;
                         let result = async {
                             let now = OffsetDateTime::now_utc();
-                            let config =
-                                insert_next_config(&mut c, device_id, body, created_by, now)
-                                    .await?;
-                            insert_event(&mut c, event).await?;
+                            let config = insert_next_config(
+                                &mut c, &self.sql, device_id, body, created_by, now,
+                            )
+                            .await?;
+                            insert_event(&mut c, &self.sql, event).await?;
                             Ok(config)
                         }
                         .await;
@@ -1189,9 +1050,7 @@ impl Store for MssqlStore {
                         None => {
                             c.execute(
                                 "ack_config: applied",
-                                "UPDATE c SET c.applied_at = @P3, c.failed_error = NULL \
-                                 FROM dbo.onboard_device_configs AS c \
-                                 WHERE c.device_id = @P1 AND c.version = @P2",
+                                &self.sql.ack_config_applied,
                                 &[&device_id, &version, &now],
                             )
                             .await?
@@ -1199,9 +1058,7 @@ impl Store for MssqlStore {
                         Some(error) => {
                             c.execute(
                                 "ack_config: failed",
-                                "UPDATE c SET c.failed_error = @P3 \
-                                 FROM dbo.onboard_device_configs AS c \
-                                 WHERE c.device_id = @P1 AND c.version = @P2",
+                                &self.sql.ack_config_failed,
                                 &[&device_id, &version, &error],
                             )
                             .await?
@@ -1210,7 +1067,7 @@ impl Store for MssqlStore {
                     if n == 0 {
                         return Ok(false);
                     }
-                    insert_event(&mut c, event).await?;
+                    insert_event(&mut c, &self.sql, event).await?;
                     Ok(true)
                 }
                 .await;
@@ -1232,7 +1089,7 @@ impl Store for MssqlStore {
                     let updated_at = to_db_time(job.updated_at);
                     c.execute(
                         "insert_firmware_job",
-                        &null_slots(INSERT_FIRMWARE_JOB, [(8, job.error.is_none())]),
+                        &null_slots(&self.sql.insert_firmware_job, [(8, job.error.is_none())]),
                         &[
                             &job.job_id.as_str(),
                             &job.device_id.as_str(),
@@ -1248,7 +1105,7 @@ impl Store for MssqlStore {
                         ],
                     )
                     .await?;
-                    insert_event(&mut c, event).await
+                    insert_event(&mut c, &self.sql, event).await
                 }
                 .await;
                 c.finish(result).await
@@ -1262,11 +1119,7 @@ impl Store for MssqlStore {
         job_id: &str,
         device_id: &str,
     ) -> StoreResult<Option<FirmwareJob>> {
-        let sql = format!(
-            "SELECT {FIRMWARE_COLUMNS} FROM dbo.onboard_firmware_jobs AS f \
-             WHERE f.job_id = @P1 AND f.device_id = @P2"
-        );
-        let sql = &sql;
+        let sql = &self.sql.firmware_job;
         self.run("firmware_job", |mut c| {
             Box::pin(async move {
                 c.query_opt("firmware_job", sql, &[&job_id, &device_id])
@@ -1279,11 +1132,7 @@ impl Store for MssqlStore {
     }
 
     async fn latest_firmware_job(&self, device_id: &str) -> StoreResult<Option<FirmwareJob>> {
-        let sql = format!(
-            "SELECT TOP (1) {FIRMWARE_COLUMNS} FROM dbo.onboard_firmware_jobs AS f \
-             WHERE f.device_id = @P1 ORDER BY f.seq DESC"
-        );
-        let sql = &sql;
+        let sql = &self.sql.latest_firmware_job;
         self.run("latest_firmware_job", |mut c| {
             Box::pin(async move {
                 c.query_opt("latest_firmware_job", sql, &[&device_id])
@@ -1312,7 +1161,7 @@ impl Store for MssqlStore {
                     let n = c
                         .execute(
                             "update_firmware_job",
-                            &null_slots(UPDATE_FIRMWARE_JOB, [(4, error.is_none())]),
+                            &null_slots(&self.sql.update_firmware_job, [(4, error.is_none())]),
                             &[
                                 &job_id,
                                 &device_id,
@@ -1325,7 +1174,7 @@ impl Store for MssqlStore {
                     if n == 0 {
                         return Ok(false);
                     }
-                    insert_event(&mut c, event).await?;
+                    insert_event(&mut c, &self.sql, event).await?;
                     Ok(true)
                 }
                 .await;
@@ -1340,21 +1189,13 @@ impl Store for MssqlStore {
     async fn append_event(&self, event: AuditEvent) -> StoreResult<()> {
         let event = &event;
         self.run("append_event", |mut c| {
-            Box::pin(async move { insert_event(&mut c, event).await })
+            Box::pin(async move { insert_event(&mut c, &self.sql, event).await })
         })
         .await
     }
 
     async fn events(&self, device_id: &str, limit: u32) -> StoreResult<Vec<AuditEvent>> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM (\
-               SELECT TOP (@P2) x.id, x.device_id, x.occurred_at, x.event_name, x.detail, \
-                 x.actor, x.request_id \
-               FROM dbo.onboard_events AS x WHERE x.device_id = @P1 \
-               ORDER BY x.occurred_at DESC, x.id DESC) AS e \
-             ORDER BY e.occurred_at, e.id"
-        );
-        let sql = &sql;
+        let sql = &self.sql.events;
         let limit = i64::from(limit);
         self.run("events", |mut c| {
             Box::pin(async move {
@@ -1380,8 +1221,7 @@ impl Store for MssqlStore {
                 let result = c
                     .execute(
                         "record_admin_reply",
-                        "INSERT INTO dbo.onboard_admin_replies (request_id, reply, created_at) \
-                         VALUES (@P1, @P2, @P3)",
+                        &self.sql.insert_admin_reply,
                         &[&request_id, &reply.as_str(), &now],
                     )
                     .await;
@@ -1398,14 +1238,10 @@ impl Store for MssqlStore {
     async fn admin_reply(&self, request_id: &str) -> StoreResult<Option<serde_json::Value>> {
         self.run("admin_reply", |mut c| {
             Box::pin(async move {
-                c.query_opt(
-                    "admin_reply",
-                    "SELECT a.reply FROM dbo.onboard_admin_replies AS a WHERE a.request_id = @P1",
-                    &[&request_id],
-                )
-                .await?
-                .map(|row| rows::json(&row, "reply"))
-                .transpose()
+                c.query_opt("admin_reply", &self.sql.admin_reply, &[&request_id])
+                    .await?
+                    .map(|row| rows::json(&row, "reply"))
+                    .transpose()
             })
         })
         .await
@@ -1422,109 +1258,32 @@ mod tests {
         let e = name_server(StoreError::Unavailable("deadlock".into()), &parsed.target);
         assert_eq!(
             e.to_string(),
-            "store unavailable: deadlock [mssql://gw:***@db:1433/inv]"
+            "store unavailable: deadlock [mssql://gw:***@db:1433/inv?schema=dbo]"
         );
         let e = name_server(StoreError::Database("syntax".into()), &parsed.target);
-        assert!(e.to_string().ends_with("[mssql://gw:***@db:1433/inv]"));
+        assert!(e
+            .to_string()
+            .ends_with("[mssql://gw:***@db:1433/inv?schema=dbo]"));
         let e = name_server(StoreError::Conflict("dup".into()), &parsed.target);
         assert_eq!(e.to_string(), "conflict: dup");
     }
 
     #[test]
-    fn device_list_sql_numbers_placeholders_in_order() {
-        let sql = device_list_sql(false, false, false, false, false);
-        assert!(sql.ends_with("WHERE 1 = 1 ORDER BY d.id"), "{sql}");
-        assert!(!sql.contains("@P"));
-
-        let sql = device_list_sql(true, true, true, true, true);
-        for (n, fragment) in [
-            (1, "d.state = @P1"),
-            (2, "d.device_type = @P2"),
-            (3, "c.not_after < @P3"),
-            (4, "OFFSET @P4 ROWS"),
-            (5, "FETCH NEXT @P5 ROWS ONLY"),
-        ] {
-            assert!(sql.contains(fragment), "{n}: {sql}");
-        }
-
-        let sql = device_list_sql(false, true, false, false, true);
-        assert!(sql.contains("d.device_type = @P1"), "{sql}");
+    fn a_store_renders_its_statements_for_the_configured_schema() {
+        let parsed = self::url::parse("server=db;database=inv;schema=myschema").expect("parses");
+        let sql = Statements::new(&parsed.target.schema);
         assert!(
-            sql.contains("OFFSET @P2 ROWS FETCH NEXT @P3 ROWS ONLY"),
-            "{sql}"
+            sql.device.contains("FROM [myschema].onboard_devices AS d"),
+            "{}",
+            sql.device
         );
-
-        let sql = device_list_sql(false, false, false, true, false);
-        assert!(sql.ends_with("ORDER BY d.id OFFSET @P1 ROWS"), "{sql}");
-    }
-
-    #[test]
-    fn statements_are_portable_and_qualified() {
-        let statements = [
-            INSERT_EVENT,
-            INSERT_PENDING_DEVICE,
-            UPDATE_PENDING_DEVICE,
-            UPDATE_DEVICE_FOR_ENROLLMENT,
-            INSERT_DEVICE_FOR_ENROLLMENT,
-            INSERT_CREDENTIAL,
-            REVOKE_DEVICE_CREDENTIALS,
-            INSERT_NEXT_CONFIG,
-            INSERT_ENROLLMENT,
-            SET_DEVICE_STATE,
-            INSERT_FIRMWARE_JOB,
-            UPDATE_FIRMWARE_JOB,
-        ];
-        for sql in statements {
-            let upper = sql.to_ascii_uppercase();
-            for banned in [
-                "MERGE",
-                "UPDLOCK",
-                "HOLDLOCK",
-                "ROWLOCK",
-                "READPAST",
-                "CREATE OR ALTER",
-            ] {
-                assert!(!upper.contains(banned), "{banned}: {sql}");
-            }
-            if upper.starts_with("UPDATE ") {
-                // `UPDATE alias SET alias.col = ... FROM dbo.table AS alias`
-                assert!(upper.contains(" FROM DBO."), "{sql}");
-                let set = &upper[upper.find(" SET ").unwrap_or(0)..];
-                let set = &set[..set.find(" FROM ").unwrap_or(set.len())];
-                for assignment in set.trim_start_matches(" SET ").split(", ") {
-                    assert!(
-                        assignment.trim().chars().nth(1) == Some('.'),
-                        "unqualified: {assignment}"
-                    );
-                }
-            }
+        for (name, text) in sql.all() {
+            assert!(!text.contains("dbo."), "{name}: {text}");
         }
-        assert!(INSERT_NEXT_CONFIG.contains("OUTPUT INSERTED.device_id"));
-    }
 
-    #[test]
-    fn placeholders_are_numbered_contiguously() {
-        for (sql, count) in [
-            (INSERT_EVENT, 6),
-            (INSERT_PENDING_DEVICE, 6),
-            (UPDATE_PENDING_DEVICE, 6),
-            (UPDATE_DEVICE_FOR_ENROLLMENT, 10),
-            (INSERT_DEVICE_FOR_ENROLLMENT, 9),
-            (INSERT_CREDENTIAL, 10),
-            (REVOKE_DEVICE_CREDENTIALS, 3),
-            (INSERT_NEXT_CONFIG, 4),
-            (INSERT_ENROLLMENT, 5),
-            (SET_DEVICE_STATE, 4),
-            (INSERT_FIRMWARE_JOB, 11),
-            (UPDATE_FIRMWARE_JOB, 5),
-        ] {
-            for n in 1..=count {
-                assert!(sql.contains(&format!("@P{n}")), "@P{n} missing in {sql}");
-            }
-            assert!(
-                !sql.contains(&format!("@P{}", count + 1)),
-                "extra placeholder in {sql}"
-            );
-        }
+        let parsed = self::url::parse("mssql://db/inv").expect("parses");
+        assert_eq!(parsed.target.schema, SchemaName::default());
+        let sql = Statements::new(&parsed.target.schema);
+        assert!(sql.device.contains("FROM [dbo].onboard_devices AS d"));
     }
 }

@@ -128,7 +128,7 @@ pub fn json(row: &Row, column: &str) -> StoreResult<serde_json::Value> {
     parse_json(column, &text(row, column)?)
 }
 
-/// Columns of `dbo.onboard_devices` in the order [`device`] reads them, qualified by `d`.
+/// Columns of `onboard_devices` in the order [`device`] reads them, qualified by `d`.
 pub const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.model, d.location, d.firmware_version, \
     d.state, d.credential_kind, d.current_serial, d.generation, d.created_at, d.updated_at, \
     d.enrolled_at, d.activated_at, d.activation_deadline, d.last_error";
@@ -156,7 +156,7 @@ pub fn device(row: &Row) -> StoreResult<Device> {
     })
 }
 
-/// Columns of `dbo.onboard_credentials`, qualified by `c`.
+/// Columns of `onboard_credentials`, qualified by `c`.
 pub const CREDENTIAL_COLUMNS: &str = "c.serial, c.fingerprint, c.device_id, c.kind, \
     c.password_hash, c.not_after, c.created_at, c.activated_at, c.revoked_at, c.revoke_reason";
 
@@ -176,7 +176,7 @@ pub fn credential(row: &Row) -> StoreResult<Credential> {
     })
 }
 
-/// Columns of `dbo.onboard_device_configs`, qualified by `c`.
+/// Columns of `onboard_device_configs`, qualified by `c`.
 pub const CONFIG_COLUMNS: &str =
     "c.device_id, c.version, c.body, c.created_by, c.created_at, c.applied_at, c.failed_error";
 
@@ -193,7 +193,7 @@ pub fn config(row: &Row) -> StoreResult<DeviceConfig> {
     })
 }
 
-/// Columns of `dbo.onboard_events`, qualified by `e`.
+/// Columns of `onboard_events`, qualified by `e`.
 pub const EVENT_COLUMNS: &str =
     "e.id, e.device_id, e.occurred_at, e.event_name, e.detail, e.actor, e.request_id";
 
@@ -209,7 +209,7 @@ pub fn event(row: &Row) -> StoreResult<AuditEvent> {
     })
 }
 
-/// Columns of `dbo.onboard_firmware_jobs`, qualified by `f`.
+/// Columns of `onboard_firmware_jobs`, qualified by `f`.
 pub const FIRMWARE_COLUMNS: &str = "f.job_id, f.device_id, f.version, f.url, f.sha256, f.size, \
     f.status, f.error, f.created_by, f.created_at, f.updated_at";
 

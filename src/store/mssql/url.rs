@@ -1,11 +1,17 @@
 //! Connection strings: `mssql://` / `sqlserver://` URLs and ADO.NET strings, parsed into a
 //! tiberius [`Config`] plus a [`Target`] that names the server in logs and errors without ever
 //! showing the password.
+//!
+//! Both forms may name the schema the store keeps its tables in (`?schema=NAME` in a URL, a
+//! `schema=NAME` key in an ADO.NET string; default `dbo`). That setting is the store's own:
+//! it is taken out of an ADO.NET string before tiberius sees the rest.
 
 use std::fmt;
+use std::ops::Range;
 
 use tiberius::{AuthMethod, Config, EncryptionLevel};
 
+use super::schema::SchemaName;
 use crate::store::{StoreError, StoreResult};
 
 /// Default SQL Server port.
@@ -39,6 +45,8 @@ pub struct Target {
     pub has_password: bool,
     pub encrypt: bool,
     pub trust_server_certificate: bool,
+    /// The schema holding the store's tables.
+    pub schema: SchemaName,
 }
 
 impl fmt::Display for Target {
@@ -54,7 +62,7 @@ impl fmt::Display for Target {
         if let Some(db) = &self.database {
             write!(f, "/{db}")?;
         }
-        Ok(())
+        write!(f, "?schema={}", self.schema)
     }
 }
 
@@ -143,15 +151,18 @@ fn parse_url(text: &str) -> StoreResult<Parsed> {
     let mut trust = false;
     let mut ca: Option<String> = None;
     let mut application_name: Option<String> = None;
+    let mut schema = SchemaName::default();
     for (key, value) in url.query_pairs() {
         match normalize_key(&key).as_str() {
+            // Given twice, the last one wins (as for every key of an ADO.NET string).
+            "schema" => schema = SchemaName::parse(&value)?,
             "encrypt" => encrypt = parse_bool("encrypt", &value)?,
             "trustservercertificate" => trust = parse_bool("trust_server_certificate", &value)?,
             "trustservercertificateca" => ca = Some(value.into_owned()),
             "applicationname" => application_name = Some(value.into_owned()),
             _ => {
                 return Err(StoreError::InvalidUrl(format!(
-                    "unknown SQL Server URL option {key:?} (known: encrypt, \
+                    "unknown SQL Server URL option {key:?} (known: schema, encrypt, \
                      trust_server_certificate, trust_server_certificate_ca, application_name)"
                 )))
             }
@@ -195,13 +206,16 @@ fn parse_url(text: &str) -> StoreResult<Parsed> {
         has_password,
         encrypt,
         trust_server_certificate: trust,
+        schema,
     };
     Ok(Parsed { config, target })
 }
 
-/// An ADO.NET string, parsed by tiberius; the display fields are read separately.
+/// An ADO.NET string, parsed by tiberius once the `schema` key is taken out; the display
+/// fields are read separately.
 fn parse_ado(text: &str) -> StoreResult<Parsed> {
-    let config = Config::from_ado_string(text).map_err(|e| {
+    let (for_tiberius, schema) = split_schema(text)?;
+    let config = Config::from_ado_string(&for_tiberius).map_err(|e| {
         // tiberius's parse errors name keys, not values; still, keep the message generic
         // enough that a value can never end up in a log line.
         let kind = match e {
@@ -217,8 +231,9 @@ fn parse_ado(text: &str) -> StoreResult<Parsed> {
         has_password: false,
         encrypt: true,
         trust_server_certificate: false,
+        schema: schema.unwrap_or_default(),
     };
-    for (key, value) in ado_pairs(text) {
+    for (key, value) in ado_pairs(&for_tiberius) {
         match normalize_key(&key).as_str() {
             "database" | "initialcatalog" => target.database = Some(value),
             "uid" | "username" | "user" | "userid" => target.user = Some(value),
@@ -257,17 +272,53 @@ fn parse_bool(key: &str, value: &str) -> StoreResult<bool> {
     }
 }
 
+/// Take the `schema` key (in any case) out of an ADO.NET string: the rest, byte for byte, for
+/// tiberius, and the validated schema if one was given (the last one wins, as for any key).
+pub(crate) fn split_schema(text: &str) -> StoreResult<(String, Option<SchemaName>)> {
+    let mut rest = String::with_capacity(text.len());
+    let mut schema = None;
+    let mut copied = 0;
+    for entry in ado_entries(text) {
+        if normalize_key(&entry.key) == "schema" {
+            schema = Some(SchemaName::parse(&entry.value)?);
+            rest.push_str(&text[copied..entry.span.start]);
+            copied = entry.span.end;
+        }
+    }
+    rest.push_str(&text[copied..]);
+    Ok((rest, schema))
+}
+
 /// Split an ADO.NET string into `(key, value)` pairs, honouring `'...'`, `"..."` (doubled
 /// quote escapes) and `{...}` quoting, so that a quoted password holding `;` or `=` can never
 /// be mistaken for another key. Used only for display fields and detection.
 pub(crate) fn ado_pairs(text: &str) -> Vec<(String, String)> {
-    let mut pairs = Vec::new();
-    let mut chars = text.chars().peekable();
+    ado_entries(text)
+        .into_iter()
+        .map(|entry| (entry.key, entry.value))
+        .collect()
+}
+
+/// One `key=value` pair of an ADO.NET string.
+#[derive(Debug)]
+pub(crate) struct AdoEntry {
+    pub key: String,
+    pub value: String,
+    /// Byte range of the pair in the string, from its key to its closing `;` included (or the
+    /// end of the string).
+    pub span: Range<usize>,
+}
+
+/// The pairs of an ADO.NET string with where each one stands (see [`ado_pairs`]).
+pub(crate) fn ado_entries(text: &str) -> Vec<AdoEntry> {
+    let mut entries = Vec::new();
+    let mut chars = text.char_indices().peekable();
     loop {
+        let start = chars.peek().map_or(text.len(), |(i, _)| *i);
         // key: up to the first '='
         let mut key = String::new();
         let mut saw_eq = false;
-        for c in chars.by_ref() {
+        for (_, c) in chars.by_ref() {
             match c {
                 '=' => {
                     saw_eq = true;
@@ -284,16 +335,16 @@ pub(crate) fn ado_pairs(text: &str) -> Vec<(String, String)> {
             continue;
         }
         // value
-        while chars.peek() == Some(&' ') {
+        while matches!(chars.peek(), Some((_, ' '))) {
             chars.next();
         }
         let mut value = String::new();
-        match chars.peek().copied() {
+        match chars.peek().map(|(_, c)| *c) {
             Some(q @ ('\'' | '"')) => {
                 chars.next();
-                while let Some(c) = chars.next() {
+                while let Some((_, c)) = chars.next() {
                     if c == q {
-                        if chars.peek() == Some(&q) {
+                        if matches!(chars.peek(), Some((_, c)) if *c == q) {
                             chars.next();
                             value.push(q);
                         } else {
@@ -304,7 +355,7 @@ pub(crate) fn ado_pairs(text: &str) -> Vec<(String, String)> {
                     }
                 }
                 // skip to the separator
-                for c in chars.by_ref() {
+                for (_, c) in chars.by_ref() {
                     if c == ';' {
                         break;
                     }
@@ -312,20 +363,20 @@ pub(crate) fn ado_pairs(text: &str) -> Vec<(String, String)> {
             }
             Some('{') => {
                 chars.next();
-                for c in chars.by_ref() {
+                for (_, c) in chars.by_ref() {
                     if c == '}' {
                         break;
                     }
                     value.push(c);
                 }
-                for c in chars.by_ref() {
+                for (_, c) in chars.by_ref() {
                     if c == ';' {
                         break;
                     }
                 }
             }
             _ => {
-                for c in chars.by_ref() {
+                for (_, c) in chars.by_ref() {
                     if c == ';' {
                         break;
                     }
@@ -334,12 +385,17 @@ pub(crate) fn ado_pairs(text: &str) -> Vec<(String, String)> {
                 value = value.trim_end().to_owned();
             }
         }
-        pairs.push((key.trim().to_owned(), value));
+        let end = chars.peek().map_or(text.len(), |(i, _)| *i);
+        entries.push(AdoEntry {
+            key: key.trim().to_owned(),
+            value,
+            span: start..end,
+        });
         if chars.peek().is_none() {
             break;
         }
     }
-    pairs
+    entries
 }
 
 /// Decode `%XX` escapes (RFC 3986) into UTF-8 text.
@@ -405,10 +461,13 @@ mod tests {
         assert!(!p.target.encrypt);
         assert!(p.target.trust_server_certificate);
         assert!(!p.target.has_password);
-        assert_eq!(p.target.to_string(), "mssql://u@10.0.0.5:14330/inv");
+        assert_eq!(
+            p.target.to_string(),
+            "mssql://u@10.0.0.5:14330/inv?schema=dbo"
+        );
         let p = parse("mssql://db?TrustServerCertificate=yes").expect("camel case option");
         assert!(p.target.trust_server_certificate);
-        assert_eq!(p.target.to_string(), "mssql://db:1433");
+        assert_eq!(p.target.to_string(), "mssql://db:1433?schema=dbo");
     }
 
     #[test]
@@ -417,7 +476,7 @@ mod tests {
             .expect("parses");
         assert_eq!(p.target.user.as_deref(), Some("app@corp"));
         let shown = p.target.to_string();
-        assert_eq!(shown, "mssql://app@corp:***@db:1433/onboard");
+        assert_eq!(shown, "mssql://app@corp:***@db:1433/onboard?schema=dbo");
         let debug = format!("{p:?}");
         for text in [&shown, &debug] {
             assert!(!text.contains("p@ss"), "{text}");
@@ -463,7 +522,7 @@ mod tests {
         assert!(p.target.trust_server_certificate);
         assert_eq!(
             p.target.to_string(),
-            "mssql://gw:***@sql.example.com:1433/onboard"
+            "mssql://gw:***@sql.example.com:1433/onboard?schema=dbo"
         );
         assert!(!format!("{p:?}").contains("p;w=d"));
     }
@@ -491,6 +550,120 @@ mod tests {
                 ("e".into(), String::new()),
             ]
         );
+    }
+
+    #[test]
+    fn schema_defaults_to_dbo() {
+        for url in [
+            "mssql://sa:pw@db/onboard",
+            "server=tcp:db,1433;database=onboard;user id=sa;password=pw",
+        ] {
+            let p = parse(url).expect(url);
+            assert_eq!(p.target.schema.as_str(), "dbo", "{url}");
+            assert!(
+                p.target.to_string().ends_with("/onboard?schema=dbo"),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn schema_from_a_url() {
+        let p = parse("mssql://sa:pw@db/onboard?encrypt=true&schema=tenant_a").expect("parses");
+        assert_eq!(p.target.schema.as_str(), "tenant_a");
+        assert_eq!(
+            p.target.to_string(),
+            "mssql://sa:***@db:1433/onboard?schema=tenant_a"
+        );
+        assert!(p.target.encrypt);
+        let p = parse("sqlserver://db?Schema=Other").expect("key in any case");
+        assert_eq!(p.target.schema.as_str(), "Other");
+        let p = parse("mssql://db/x?schema=a&schema=b").expect("twice");
+        assert_eq!(p.target.schema.as_str(), "b", "the last one wins");
+    }
+
+    #[test]
+    fn schema_from_an_ado_string() {
+        let p = parse(
+            "server=tcp:db,1433;database=onboard;SCHEMA=tenant_b;user id=gw;\
+             password='p;schema=x';encrypt=true;TrustServerCertificate=true",
+        )
+        .expect("parses");
+        assert_eq!(p.target.schema.as_str(), "tenant_b");
+        assert_eq!(p.target.addr, "db:1433");
+        assert_eq!(p.target.database.as_deref(), Some("onboard"));
+        assert_eq!(p.target.user.as_deref(), Some("gw"));
+        assert!(p.target.has_password);
+        assert!(p.target.trust_server_certificate);
+        assert_eq!(
+            p.target.to_string(),
+            "mssql://gw:***@db:1433/onboard?schema=tenant_b"
+        );
+        let p = parse("Server=db; Schema = s1 ;Database=x;schema=s2").expect("twice");
+        assert_eq!(p.target.schema.as_str(), "s2", "the last one wins");
+    }
+
+    #[test]
+    fn the_ado_string_handed_to_tiberius_has_no_schema_key() {
+        let cases = [
+            (
+                "server=tcp:db,1433;schema=tenant_b;database=x",
+                "server=tcp:db,1433;database=x",
+            ),
+            ("Schema=s;server=db;database=x", "server=db;database=x"),
+            ("server=db;database=x;SCHEMA = s", "server=db;database=x;"),
+            ("server=db; schema='s' ;database=x", "server=db;database=x"),
+            (
+                "server=db;schema={s};password='a;schema=b';schema=s2",
+                "server=db;password='a;schema=b';",
+            ),
+            // not a schema key: left alone
+            (
+                "server=db;schemas=x;myschema=y",
+                "server=db;schemas=x;myschema=y",
+            ),
+        ];
+        for (given, expected) in cases {
+            let (rest, _) = split_schema(given).expect(given);
+            assert_eq!(rest, expected, "{given}");
+            for (key, _) in ado_pairs(&rest) {
+                assert_ne!(normalize_key(&key), "schema", "{rest}");
+            }
+        }
+        let (rest, schema) = split_schema("server=db;password='a;schema=b'").expect("parses");
+        assert_eq!(rest, "server=db;password='a;schema=b'");
+        assert_eq!(schema, None, "a quoted value is not a key");
+        // What is left is an ADO.NET string tiberius accepts.
+        let (rest, schema) =
+            split_schema("server=tcp:db,1433;schema=tenant_b;database=x;user id=u;password=p")
+                .expect("parses");
+        assert_eq!(schema.map(|s| s.to_string()).as_deref(), Some("tenant_b"));
+        let config = Config::from_ado_string(&rest).expect("tiberius parses the rest");
+        assert_eq!(config.get_addr(), "db:1433");
+    }
+
+    #[test]
+    fn bad_schema_names_are_refused() {
+        for bad in [
+            "mssql://sa:topsecret@db/x?schema=",
+            "mssql://sa:topsecret@db/x?schema=1abc",
+            "mssql://sa:topsecret@db/x?schema=a-b",
+            "mssql://sa:topsecret@db/x?schema=a%5Db",
+            "mssql://sa:topsecret@db/x?schema=dbo%3B%20DROP%20TABLE%20t",
+            "server=db;password=topsecret;schema=a.b",
+            "server=db;password=topsecret;schema=[dbo]",
+            "server=db;password=topsecret;schema='x''y'",
+            "server=db;password=topsecret;schema=",
+        ] {
+            let err = parse(bad).expect_err(bad);
+            assert!(matches!(err, StoreError::InvalidUrl(_)), "{bad}: {err:?}");
+            assert!(err.to_string().contains("schema"), "{err}");
+            assert!(!err.to_string().contains("topsecret"), "{err}");
+        }
+        let long = format!("mssql://db/x?schema={}", "s".repeat(65));
+        assert!(matches!(parse(&long), Err(StoreError::InvalidUrl(_))));
+        let longest = format!("mssql://db/x?schema={}", "s".repeat(64));
+        assert!(parse(&longest).is_ok());
     }
 
     #[test]
