@@ -190,7 +190,7 @@ impl Broker {
         let (in_tx, in_rx) = mpsc::channel(4096);
         tokio::spawn(run_receiver(link_rx, in_tx));
 
-        wait_listening(internal_addr).await?;
+        wait_listening(internal_addr, &secret).await?;
         tracing::info!(%internal_addr, "embedded broker listening (loopback, front only)");
         Ok((
             Broker {
@@ -214,10 +214,41 @@ fn pick_internal_addr(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
         .map_err(|source| BrokerError::Bind { addr, source })
 }
 
-async fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
+/// Wait until the internal listener answers a CONNECT with our secret (a clean session that
+/// is closed with DISCONNECT right away).
+async fn wait_listening(addr: SocketAddr, secret: &str) -> Result<(), BrokerError> {
+    use rumqttd::protocol::{Connect, Login, Protocol};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connect = bytes::BytesMut::new();
+    let packet = Packet::Connect(
+        Connect {
+            keep_alive: 10,
+            client_id: "onboard-probe".into(),
+            clean_session: true,
+        },
+        None,
+        None,
+        None,
+        Some(Login {
+            username: INTERNAL_USER.into(),
+            password: secret.into(),
+        }),
+    );
+    rumqttd::protocol::v4::V4
+        .write(packet, &mut connect)
+        .map_err(|e| BrokerError::Link(e.to_string()))?;
     for _ in 0..1000 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
+            let mut ack = [0u8; 4];
+            if stream.write_all(&connect).await.is_ok()
+                && tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut ack))
+                    .await
+                    .is_ok()
+                && ack == [0x20, 2, 0, 0]
+            {
+                let _ = stream.write_all(&[0xe0, 0]).await;
+                return Ok(());
+            }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

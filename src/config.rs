@@ -19,7 +19,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -134,19 +134,6 @@ pub struct LifecycleConfig {
     pub renewal_grace_secs: u64,
     /// How often deadlines (activation, renewal grace) are checked.
     pub sweep_interval_ms: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            broker: BrokerConfig::default(),
-            pki: PkiConfig::default(),
-            enrollment: EnrollmentConfig::default(),
-            store: StoreConfig::default(),
-            lifecycle: LifecycleConfig::default(),
-        }
-    }
 }
 
 impl Default for ServerConfig {
@@ -327,6 +314,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's own test API
     fn environment_overrides_keys_with_underscores() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("ONBOARD_STORE_URL", "sqlite://elsewhere.db");
@@ -342,5 +330,18 @@ mod tests {
     fn bad_pattern_is_a_clear_error() {
         let err = Config::from_toml("[pki]\ndevice_id_pattern = \"([\"\n").expect_err("bad regex");
         assert!(err.to_string().contains("pki.device_id_pattern"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod shipped_file {
+    /// The commented file in config/ states exactly the built-in defaults.
+    #[test]
+    fn config_file_matches_the_defaults() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/onboard.toml"))
+                .expect("config/onboard.toml");
+        let from_file = super::Config::from_toml(&text).expect("valid");
+        assert_eq!(from_file, super::Config::default());
     }
 }

@@ -602,7 +602,10 @@ impl Enroller {
         let response = answer(credential_json);
         let stored_response = answer(redacted_json);
 
-        let factory_serial = self.sessions.serial_of(device_id, Role::Bootstrap);
+        let factory_serial = self
+            .sessions
+            .serial_of(device_id, Role::Bootstrap)
+            .or_else(|| self.sessions.take_factory_serial(device_id));
         let mut events = Vec::new();
         if let Some(previous) = reenrolled_from {
             events.push(

@@ -62,6 +62,8 @@ pub struct Gateway {
     pub pki: Arc<Pki>,
     pub sessions: Arc<Sessions>,
     pub lifecycle: Arc<Lifecycle>,
+    /// The admin plane (commands, config acks, firmware, renewals).
+    pub admin: Arc<Admin>,
     /// Whether this start created a development PKI.
     pub created_pki: bool,
     shutdown: CancellationToken,
@@ -230,6 +232,8 @@ impl Gateway {
             }
         }));
         tasks.push(tokio::spawn(lifecycle.clone().run(shutdown.clone())));
+        // Renewal grace periods and the expiring-certificates gauge.
+        tasks.push(tokio::spawn(admin.clone().run(shutdown.clone())));
         tasks.push(tokio::spawn(dispatch(
             inbox,
             enroller.clone(),
@@ -257,6 +261,7 @@ impl Gateway {
             pki,
             sessions,
             lifecycle,
+            admin,
             created_pki,
             shutdown,
             tasks,

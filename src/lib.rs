@@ -18,6 +18,8 @@
 //! - [`broker`]: the embedded rumqttd, reachable only from the front, and the gateway's own link.
 //! - [`enroll`]: the bootstrap protocol on `enroll/D/request`.
 //! - [`lifecycle`]: activation, deadlines, rollback, admin commands.
+//! - [`admin`]: the admin plane (config, rollback, firmware, revoke, reinstate) and renewals.
+//! - [`import`]: bulk provisioning from CSV.
 //! - [`store`]: the inventory trait with its `sqlite` and `mssql` backends.
 //! - [`metrics`]: Prometheus registry and the `/metrics`, `/healthz`, `/readyz` endpoint.
 //! - [`gateway`]: wires everything into one running process.
@@ -26,10 +28,12 @@
 pub mod admin;
 pub mod audit;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod front;
 pub mod gateway;
+pub mod import;
 pub mod lifecycle;
 pub mod metrics;
 pub mod password;
@@ -37,4 +41,3 @@ pub mod pki;
 pub mod simulate;
 pub mod store;
 pub mod templates;
-pub mod cli;

@@ -217,10 +217,12 @@ impl Metrics {
     fn initialise_series(&self) {
         use crate::pki::Role;
         for result in ["accepted", "duplicate"] {
-            self.enrollment_requests.with_label_values(&[result, "none"]);
+            self.enrollment_requests
+                .with_label_values(&[result, "none"]);
         }
         for code in crate::enroll::ErrorCode::ALL {
-            self.enrollment_requests.with_label_values(&["rejected", code.as_str()]);
+            self.enrollment_requests
+                .with_label_values(&["rejected", code.as_str()]);
         }
         for reason in crate::front::identity::RefusalReason::ALL {
             self.auth_failures.with_label_values(&[reason.as_str()]);
@@ -237,7 +239,12 @@ impl Metrics {
         for kind in ["csr", "generated", "password"] {
             self.certificates_issued.with_label_values(&[kind]);
         }
-        for (target, trigger) in [("config", "auto"), ("config", "admin"), ("enrollment", "timeout"), ("enrollment", "admin")] {
+        for (target, trigger) in [
+            ("config", "auto"),
+            ("config", "admin"),
+            ("enrollment", "timeout"),
+            ("enrollment", "admin"),
+        ] {
             self.rollbacks.with_label_values(&[target, trigger]);
         }
         for op in ["commit_enrollment", "activate", "device", "credential"] {

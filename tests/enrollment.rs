@@ -13,17 +13,33 @@ use serde_json::{json, Value};
 /// Connect with the operational certificate, check the retained config, report telemetry.
 async fn activate_with_cert(t: &TestGateway, id: &str, response: &Value, key_pem: &str) -> Client {
     let cred = issued(response, key_pem);
-    let mut device = Client::connect(t.mtls_options(id, &cred)).await.expect("operational connect");
-    device.subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce).await;
+    let mut device = Client::connect(t.mtls_options(id, &cred))
+        .await
+        .expect("operational connect");
+    device
+        .subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce)
+        .await;
     let config = device.recv_json(&format!("devices/{id}/config")).await;
     assert_eq!(config["device_id"], id);
-    device.publish(&format!("devices/{id}/telemetry"), QoS::AtLeastOnce, false, r#"{"t":21.0}"#).await;
+    device
+        .publish(
+            &format!("devices/{id}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"t":21.0}"#,
+        )
+        .await;
     device
 }
 
 async fn wait_state(t: &TestGateway, id: &str, state: DeviceState) {
     eventually(&format!("{id} becomes {state}"), || async {
-        t.gw.store.device(id).await.ok().flatten().is_some_and(|d| d.state == state)
+        t.gw.store
+            .device(id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.state == state)
     })
     .await;
 }
@@ -34,17 +50,29 @@ async fn csr_enrollment_end_to_end() {
     let id = "therm-0001";
     let (csr, key) = csr_for(id);
     let resp = t
-        .enroll(id, json!({ "request_id": "r-1", "csr": csr, "device_type": "thermostat",
-            "firmware_version": "1.4.2", "model": "T-1000", "location": "bldg-7/floor-2" }))
+        .enroll(
+            id,
+            json!({ "request_id": "r-1", "csr": csr, "device_type": "thermostat",
+            "firmware_version": "1.4.2", "model": "T-1000", "location": "bldg-7/floor-2" }),
+        )
         .await;
     assert_eq!(resp["status"], "accepted", "{resp}");
     assert_eq!(resp["request_id"], "r-1");
     assert_eq!(resp["device_id"], id);
     assert_eq!(resp["credential"]["type"], "certificate");
-    assert!(resp["credential"]["certificate_pem"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+    assert!(resp["credential"]["certificate_pem"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
     assert_eq!(resp["credential"]["ca_chain_pem"], t.gw.pki.ca_chain_pem());
-    assert!(resp["credential"].get("private_key_pem").is_none(), "CSR flow returns no key");
-    assert!(resp["credential"]["not_after"].as_str().unwrap().ends_with('Z'));
+    assert!(
+        resp["credential"].get("private_key_pem").is_none(),
+        "CSR flow returns no key"
+    );
+    assert!(resp["credential"]["not_after"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
     assert_eq!(resp["config_topic"], format!("devices/{id}/config"));
     assert_eq!(resp["config_version"], 1);
     assert!(resp["activation_deadline"].is_string());
@@ -58,17 +86,27 @@ async fn csr_enrollment_end_to_end() {
     assert_eq!(device.credential_kind, Some(CredentialKind::Certificate));
     let creds = t.gw.store.credentials_of(id).await.unwrap();
     assert_eq!(creds.len(), 1);
-    assert_eq!(device.current_serial.as_deref(), Some(creds[0].serial.as_str()));
+    assert_eq!(
+        device.current_serial.as_deref(),
+        Some(creds[0].serial.as_str())
+    );
     let config = t.gw.store.latest_config(id).await.unwrap().expect("config");
     assert_eq!(config.version, 1);
 
     // A fresh subscriber (admin) receives the retained configuration.
-    let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops"))).await.unwrap();
-    admin.subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce).await;
+    let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops")))
+        .await
+        .unwrap();
+    admin
+        .subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce)
+        .await;
     let retained = admin.recv_json(&format!("devices/{id}/config")).await;
     assert_eq!(retained, config.body);
     assert_eq!(retained["version"], 1);
-    assert_eq!(retained["topics"]["telemetry"], format!("devices/{id}/telemetry"));
+    assert_eq!(
+        retained["topics"]["telemetry"],
+        format!("devices/{id}/telemetry")
+    );
     assert_eq!(retained["settings"]["mode"], "heat");
 
     // Reconnect with the operational credential and report: active.
@@ -77,17 +115,48 @@ async fn csr_enrollment_end_to_end() {
     let device = t.gw.store.device(id).await.unwrap().unwrap();
     assert!(device.activated_at.is_some());
     let names = t.event_names(id).await;
-    for expected in ["credential_issued", "config_published", "enrollment_accepted", "activated"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    for expected in [
+        "credential_issued",
+        "config_published",
+        "enrollment_accepted",
+        "activated",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
     }
-    let issued_event = t.events(id).await.into_iter().find(|e| e.event == "credential_issued").unwrap();
+    let issued_event = t
+        .events(id)
+        .await
+        .into_iter()
+        .find(|e| e.event == "credential_issued")
+        .unwrap();
     assert_eq!(issued_event.request_id.as_deref(), Some("r-1"));
-    assert!(issued_event.detail["factory_serial"].is_string(), "{}", issued_event.detail);
-    assert_eq!(t.metric(r#"onboard_enrollment_requests_total{reason="none",result="accepted"}"#).await, 1.0);
-    assert_eq!(t.metric(r#"onboard_certificates_issued_total{kind="csr"}"#).await, 1.0);
+    assert!(
+        issued_event.detail["factory_serial"].is_string(),
+        "{}",
+        issued_event.detail
+    );
+    assert_eq!(
+        t.metric(r#"onboard_enrollment_requests_total{reason="none",result="accepted"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        t.metric(r#"onboard_certificates_issued_total{kind="csr"}"#)
+            .await,
+        1.0
+    );
     assert_eq!(t.metric("onboard_activations_total").await, 1.0);
-    assert_eq!(t.metric("onboard_enrollment_duration_seconds_count").await, 1.0);
-    assert_eq!(t.metric("onboard_activation_duration_seconds_count").await, 1.0);
+    assert_eq!(
+        t.metric("onboard_enrollment_duration_seconds_count").await,
+        1.0
+    );
+    assert_eq!(
+        t.metric("onboard_activation_duration_seconds_count").await,
+        1.0
+    );
     assert_eq!(t.metric(r#"onboard_devices{state="active"}"#).await, 1.0);
 }
 
@@ -95,32 +164,54 @@ async fn csr_enrollment_end_to_end() {
 async fn server_generated_key_enrollment() {
     let t = TestGateway::start().await;
     let id = "sensor-0001";
-    let resp = t.enroll(id, json!({ "request_id": "gen-1", "device_type": "sensor" })).await;
+    let resp = t
+        .enroll(
+            id,
+            json!({ "request_id": "gen-1", "device_type": "sensor" }),
+        )
+        .await;
     assert_eq!(resp["status"], "accepted", "{resp}");
-    let key = resp["credential"]["private_key_pem"].as_str().expect("generated key returned");
+    let key = resp["credential"]["private_key_pem"]
+        .as_str()
+        .expect("generated key returned");
     assert!(key.contains("PRIVATE KEY"));
     // The key is never stored nor logged in the audit trail.
-    let stored = t.gw.store.find_enrollment(id, "gen-1").await.unwrap().unwrap();
+    let stored =
+        t.gw.store
+            .find_enrollment(id, "gen-1")
+            .await
+            .unwrap()
+            .unwrap();
     assert!(!stored.response.to_string().contains("PRIVATE KEY"));
     for e in t.events(id).await {
         assert!(!e.detail.to_string().contains("PRIVATE KEY"), "{e:?}");
     }
     let retained = {
-        let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops"))).await.unwrap();
-        admin.subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce).await;
+        let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops")))
+            .await
+            .unwrap();
+        admin
+            .subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce)
+            .await;
         admin.recv_json(&format!("devices/{id}/config")).await
     };
     assert_eq!(retained["settings"]["units"], "metric", "sensor template");
     let _device = activate_with_cert(&t, id, &resp, key).await;
     wait_state(&t, id, DeviceState::Active).await;
-    assert_eq!(t.metric(r#"onboard_certificates_issued_total{kind="generated"}"#).await, 1.0);
+    assert_eq!(
+        t.metric(r#"onboard_certificates_issued_total{kind="generated"}"#)
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn password_enrollment_and_login() {
     let t = TestGateway::start().await;
     let id = "pw-0001";
-    let resp = t.enroll(id, json!({ "request_id": "p-1", "credential": "password" })).await;
+    let resp = t
+        .enroll(id, json!({ "request_id": "p-1", "credential": "password" }))
+        .await;
     assert_eq!(resp["status"], "accepted", "{resp}");
     assert_eq!(resp["credential"]["type"], "password");
     assert_eq!(resp["credential"]["username"], id);
@@ -132,13 +223,35 @@ async fn password_enrollment_and_login() {
     assert!(!hash.contains(&password), "only a hash is stored");
 
     let wrong = Client::connect(t.password_options(id, id, "not-the-password")).await;
-    assert!(matches!(wrong, Err(ConnectFailure::Refused(_))), "{:?}", wrong.err());
-    let mut device = Client::connect(t.password_options(id, id, &password)).await.expect("password login");
-    device.subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce).await;
-    assert_eq!(device.recv_json(&format!("devices/{id}/config")).await["version"], 1);
-    device.publish(&format!("devices/{id}/events/boot"), QoS::AtLeastOnce, false, "{}").await;
+    assert!(
+        matches!(wrong, Err(ConnectFailure::Refused(_))),
+        "{:?}",
+        wrong.err()
+    );
+    let mut device = Client::connect(t.password_options(id, id, &password))
+        .await
+        .expect("password login");
+    device
+        .subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce)
+        .await;
+    assert_eq!(
+        device.recv_json(&format!("devices/{id}/config")).await["version"],
+        1
+    );
+    device
+        .publish(
+            &format!("devices/{id}/events/boot"),
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await;
     wait_state(&t, id, DeviceState::Active).await;
-    assert_eq!(t.metric(r#"onboard_auth_failures_total{reason="bad_password"}"#).await, 1.0);
+    assert_eq!(
+        t.metric(r#"onboard_auth_failures_total{reason="bad_password"}"#)
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -149,40 +262,74 @@ async fn retry_with_the_same_request_id_issues_one_credential() {
     let mut c = Client::connect(t.mtls_options(id, &factory)).await.unwrap();
     let req = json!({ "request_id": "same", "device_type": "thermostat" });
     let first = c.request_enroll(id, &req).await;
-    c.publish(&format!("enroll/{id}/request"), QoS::AtLeastOnce, false, serde_json::to_vec(&req).unwrap()).await;
+    c.publish(
+        &format!("enroll/{id}/request"),
+        QoS::AtLeastOnce,
+        false,
+        serde_json::to_vec(&req).unwrap(),
+    )
+    .await;
     let second = c.recv_json(&format!("enroll/{id}/response")).await;
     assert_eq!(first["status"], "accepted");
     assert_eq!(first, second, "the same answer, generated key included");
     assert_eq!(t.gw.store.credentials_of(id).await.unwrap().len(), 1);
     assert_eq!(t.gw.store.config_history(id).await.unwrap().len(), 1);
-    assert_eq!(t.metric(r#"onboard_enrollment_requests_total{reason="none",result="duplicate"}"#).await, 1.0);
+    assert_eq!(
+        t.metric(r#"onboard_enrollment_requests_total{reason="none",result="duplicate"}"#)
+            .await,
+        1.0
+    );
 
     // After a restart the stored answer (without the secret) is replayed, still one credential.
     c.disconnect().await;
     let t = t.restart().await;
     let again = t.enroll(id, req.clone()).await;
-    assert_eq!(again["credential"]["certificate_pem"], first["credential"]["certificate_pem"]);
+    assert_eq!(
+        again["credential"]["certificate_pem"],
+        first["credential"]["certificate_pem"]
+    );
     assert!(again["credential"].get("private_key_pem").is_none());
     assert_eq!(t.gw.store.credentials_of(id).await.unwrap().len(), 1);
 }
 
 async fn rejected(t: &TestGateway, id: &str, payload: Vec<u8>) -> Value {
     let factory = t.factory(id);
-    let mut c = Client::connect(t.mtls_options(id, &factory)).await.expect("bootstrap connect");
-    c.subscribe(&format!("enroll/{id}/response"), QoS::AtLeastOnce).await;
-    c.publish(&format!("enroll/{id}/request"), QoS::AtLeastOnce, false, payload).await;
+    let mut c = Client::connect(t.mtls_options(id, &factory))
+        .await
+        .expect("bootstrap connect");
+    c.subscribe(&format!("enroll/{id}/response"), QoS::AtLeastOnce)
+        .await;
+    c.publish(
+        &format!("enroll/{id}/request"),
+        QoS::AtLeastOnce,
+        false,
+        payload,
+    )
+    .await;
     let resp = c.recv_json(&format!("enroll/{id}/response")).await;
     assert_eq!(resp["status"], "rejected", "{resp}");
     // The device stays connected and may retry.
-    assert!(!c.closed_within(Duration::from_millis(100)).await, "still connected after a rejection");
+    assert!(
+        !c.closed_within(Duration::from_millis(100)).await,
+        "still connected after a rejection"
+    );
     c.disconnect().await;
     resp
 }
 
 async fn assert_nothing_stored(t: &TestGateway, id: &str) {
-    assert!(t.gw.store.device(id).await.unwrap().is_none(), "no device row for {id}");
-    assert!(t.gw.store.credentials_of(id).await.unwrap().is_empty(), "no credential for {id}");
-    assert!(t.gw.store.latest_config(id).await.unwrap().is_none(), "no config for {id}");
+    assert!(
+        t.gw.store.device(id).await.unwrap().is_none(),
+        "no device row for {id}"
+    );
+    assert!(
+        t.gw.store.credentials_of(id).await.unwrap().is_empty(),
+        "no credential for {id}"
+    );
+    assert!(
+        t.gw.store.latest_config(id).await.unwrap().is_none(),
+        "no config for {id}"
+    );
 }
 
 #[tokio::test]
@@ -204,38 +351,55 @@ async fn every_rejection_has_its_code_and_stores_nothing() {
     for (id, payload, code) in cases {
         let resp = rejected(&t, id, payload).await;
         assert_eq!(resp["error"]["code"], code, "{id}: {resp}");
-        assert!(resp["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(resp["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
         assert_nothing_stored(&t, id).await;
         let event = t.wait_event(id, "enrollment_rejected").await;
         assert_eq!(event.detail["code"], code);
-        let sample = format!(r#"onboard_enrollment_requests_total{{reason="{code}",result="rejected"}}"#);
+        let sample =
+            format!(r#"onboard_enrollment_requests_total{{reason="{code}",result="rejected"}}"#);
         assert!(t.metric(&sample).await >= 1.0, "{sample}");
     }
     let resp = rejected(&t, "rej-big2", vec![b' '; 16 * 1024 + 1]).await;
-    assert!(resp["error"]["message"].as_str().unwrap().contains("16385 bytes"), "{resp}");
+    assert!(
+        resp["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("16385 bytes"),
+        "{resp}"
+    );
 }
 
 #[tokio::test]
 async fn allowlist_mode_refuses_unregistered_devices() {
     let t = TestGateway::start_with(|c| c.enrollment.mode = EnrollmentMode::Allowlist).await;
     let refused = Client::connect(t.mtls_options("stranger", &t.factory("stranger"))).await;
-    assert_eq!(refused.err(), Some(ConnectFailure::Refused(rumqttc::ConnectReturnCode::NotAuthorized)));
+    assert_eq!(
+        refused.err(),
+        Some(ConnectFailure::Refused(
+            rumqttc::ConnectReturnCode::NotAuthorized
+        ))
+    );
     t.wait_event("stranger", "auth_refused").await;
-    assert_eq!(t.metric(r#"onboard_auth_failures_total{reason="not_allowlisted"}"#).await, 1.0);
+    assert_eq!(
+        t.metric(r#"onboard_auth_failures_total{reason="not_allowlisted"}"#)
+            .await,
+        1.0
+    );
 
     // Pre-registered devices enroll.
-    let outcome = t
-        .gw
-        .store
-        .import_devices(&[onboard::store::NewDevice {
-            id: "known-1".into(),
-            device_type: "sensor".into(),
-            model: Some("S-1".into()),
-            location: None,
-            firmware_version: None,
-        }])
-        .await
-        .unwrap();
+    let outcome =
+        t.gw.store
+            .import_devices(&[onboard::store::NewDevice {
+                id: "known-1".into(),
+                device_type: "sensor".into(),
+                model: Some("S-1".into()),
+                location: None,
+                firmware_version: None,
+            }])
+            .await
+            .unwrap();
     assert_eq!(outcome.inserted, 1);
     let resp = t.enroll("known-1", json!({"request_id": "a"})).await;
     assert_eq!(resp["status"], "accepted", "{resp}");
@@ -253,18 +417,39 @@ async fn activation_timeout_rolls_the_enrollment_back() {
     assert!(creds[0].revoked_at.is_some(), "credential revoked");
     t.wait_event(id, "activation_timeout").await;
     assert_eq!(t.metric("onboard_activation_timeouts_total").await, 1.0);
-    assert_eq!(t.metric(r#"onboard_rollbacks_total{target="enrollment",trigger="timeout"}"#).await, 1.0);
+    assert_eq!(
+        t.metric(r#"onboard_rollbacks_total{target="enrollment",trigger="timeout"}"#)
+            .await,
+        1.0
+    );
 
     // The revoked operational certificate is refused at connect.
     let refused = Client::connect(t.mtls_options(id, &issued(&resp, &key))).await;
-    assert!(matches!(refused, Err(ConnectFailure::Refused(_))), "{:?}", refused.err());
-    assert_eq!(t.metric(r#"onboard_auth_failures_total{reason="credential_revoked"}"#).await, 1.0);
+    assert!(
+        matches!(refused, Err(ConnectFailure::Refused(_))),
+        "{:?}",
+        refused.err()
+    );
+    assert_eq!(
+        t.metric(r#"onboard_auth_failures_total{reason="credential_revoked"}"#)
+            .await,
+        1.0
+    );
 
     // Retained config cleared: a subscriber gets nothing.
-    let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops"))).await.unwrap();
-    admin.subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce).await;
-    let got = admin.recv_on(&format!("devices/{id}/config"), Duration::from_millis(500)).await;
-    assert!(got.is_none_or(|p| p.payload.is_empty()), "retained config cleared");
+    let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops")))
+        .await
+        .unwrap();
+    admin
+        .subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce)
+        .await;
+    let got = admin
+        .recv_on(&format!("devices/{id}/config"), Duration::from_millis(500))
+        .await;
+    assert!(
+        got.is_none_or(|p| p.payload.is_empty()),
+        "retained config cleared"
+    );
 
     // The device may enroll again with its factory certificate.
     let again = t.enroll(id, json!({"request_id": "r2"})).await;
@@ -276,7 +461,9 @@ async fn activation_timeout_rolls_the_enrollment_back() {
 async fn deadlines_and_retained_configs_survive_a_restart() {
     let t = TestGateway::start_with(|c| c.enrollment.activation_timeout_secs = 3).await;
     let (csr, key) = csr_for("keep-1");
-    let active = t.enroll("keep-1", json!({"request_id": "r", "csr": csr})).await;
+    let active = t
+        .enroll("keep-1", json!({"request_id": "r", "csr": csr}))
+        .await;
     let _d = activate_with_cert(&t, "keep-1", &active, &key).await;
     wait_state(&t, "keep-1", DeviceState::Active).await;
     let pending = t.enroll("keep-2", json!({"request_id": "r"})).await;
@@ -284,13 +471,24 @@ async fn deadlines_and_retained_configs_survive_a_restart() {
     drop(_d);
 
     let t = t.restart().await;
-    let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops"))).await.unwrap();
+    let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops")))
+        .await
+        .unwrap();
     admin.subscribe("devices/+/config", QoS::AtLeastOnce).await;
-    assert_eq!(admin.recv_json("devices/keep-1/config").await["device_id"], "keep-1");
-    assert_eq!(admin.recv_json("devices/keep-2/config").await["device_id"], "keep-2");
+    assert_eq!(
+        admin.recv_json("devices/keep-1/config").await["device_id"],
+        "keep-1"
+    );
+    assert_eq!(
+        admin.recv_json("devices/keep-2/config").await["device_id"],
+        "keep-2"
+    );
     // keep-2 never activates: the restored deadline rolls it back.
     wait_state(&t, "keep-2", DeviceState::Failed).await;
-    assert_eq!(t.gw.store.device("keep-1").await.unwrap().unwrap().state, DeviceState::Active);
+    assert_eq!(
+        t.gw.store.device("keep-1").await.unwrap().unwrap().state,
+        DeviceState::Active
+    );
 }
 
 #[tokio::test]
@@ -310,13 +508,22 @@ async fn reenrollment_replaces_the_credential_and_keeps_history() {
     assert_eq!(second["config_version"], 2);
     t.wait_event(id, "reenrolled").await;
     // The old credential stays valid until the new one activates...
-    let old = Client::connect(t.mtls_options(id, &issued(&first, &key))).await.expect("old still valid");
+    let old = Client::connect(t.mtls_options(id, &issued(&first, &key)))
+        .await
+        .expect("old still valid");
     old.disconnect().await;
     let _new = activate_with_cert(&t, id, &second, &key2).await;
     wait_state(&t, id, DeviceState::Active).await;
     // ...then it is revoked.
     eventually("old credential revoked", || async {
-        t.gw.store.credentials_of(id).await.unwrap().iter().filter(|c| c.revoked_at.is_some()).count() == 1
+        t.gw.store
+            .credentials_of(id)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|c| c.revoked_at.is_some())
+            .count()
+            == 1
     })
     .await;
     let refused = Client::connect(t.mtls_options(id, &issued(&first, &key))).await;
@@ -325,7 +532,9 @@ async fn reenrollment_replaces_the_credential_and_keeps_history() {
 
 #[tokio::test]
 async fn reenrollment_can_be_denied() {
-    let t = TestGateway::start_with(|c| c.enrollment.reenroll = onboard::config::ReenrollPolicy::Deny).await;
+    let t =
+        TestGateway::start_with(|c| c.enrollment.reenroll = onboard::config::ReenrollPolicy::Deny)
+            .await;
     let first = t.enroll("deny-1", json!({"request_id": "a"})).await;
     assert_eq!(first["status"], "accepted");
     let again = t.enroll("deny-1", json!({"request_id": "b"})).await;

@@ -34,33 +34,76 @@ async fn bad_client_certificates_are_refused_with_their_reason() {
 
     // Unknown CA.
     let rogue = Issuer::generate_ca("rogue CA").unwrap();
-    let cert = rogue.issue_client("rogue-1", &CertOptions::valid_for_days(30)).unwrap();
-    assert!(is_tls_failure(&Client::connect(t.mtls_options("rogue-1", &cert)).await));
+    let cert = rogue
+        .issue_client("rogue-1", &CertOptions::valid_for_days(30))
+        .unwrap();
+    assert!(is_tls_failure(
+        &Client::connect(t.mtls_options("rogue-1", &cert)).await
+    ));
     refused_with(&t, "unknown_ca").await;
     let event = t.wait_event("rogue-1", "auth_refused").await;
     assert_eq!(event.detail["reason"], "unknown_ca");
 
     // Expired and not yet valid.
-    let expired = t.factory_with("old-1", &CertOptions { not_before: now - 10 * day, not_after: now - day, client_auth: true, dns_names: vec![] });
-    assert!(is_tls_failure(&Client::connect(t.mtls_options("old-1", &expired)).await));
+    let expired = t.factory_with(
+        "old-1",
+        &CertOptions {
+            not_before: now - 10 * day,
+            not_after: now - day,
+            client_auth: true,
+            dns_names: vec![],
+        },
+    );
+    assert!(is_tls_failure(
+        &Client::connect(t.mtls_options("old-1", &expired)).await
+    ));
     refused_with(&t, "expired").await;
-    let future = t.factory_with("new-1", &CertOptions { not_before: now + day, not_after: now + 10 * day, client_auth: true, dns_names: vec![] });
-    assert!(is_tls_failure(&Client::connect(t.mtls_options("new-1", &future)).await));
+    let future = t.factory_with(
+        "new-1",
+        &CertOptions {
+            not_before: now + day,
+            not_after: now + 10 * day,
+            client_auth: true,
+            dns_names: vec![],
+        },
+    );
+    assert!(is_tls_failure(
+        &Client::connect(t.mtls_options("new-1", &future)).await
+    ));
     refused_with(&t, "not_yet_valid").await;
 
     // No clientAuth extended key usage.
-    let no_eku = t.factory_with("noeku-1", &CertOptions { client_auth: false, ..CertOptions::valid_for_days(30) });
-    assert!(is_tls_failure(&Client::connect(t.mtls_options("noeku-1", &no_eku)).await));
+    let no_eku = t.factory_with(
+        "noeku-1",
+        &CertOptions {
+            client_auth: false,
+            ..CertOptions::valid_for_days(30)
+        },
+    );
+    assert!(is_tls_failure(
+        &Client::connect(t.mtls_options("noeku-1", &no_eku)).await
+    ));
     refused_with(&t, "missing_client_auth").await;
 
     // Weak key (RSA 1024).
     let factory = Issuer::load(&t.config.pki.dir, "factory-ca").unwrap();
     let signer = RsaSigner { key: rsa_1024() };
-    let weak = factory.issue_client_with_key("weak-1", &CertOptions::valid_for_days(30), &signer.public_key_der()).unwrap();
+    let weak = factory
+        .issue_client_with_key(
+            "weak-1",
+            &CertOptions::valid_for_days(30),
+            &signer.public_key_der(),
+        )
+        .unwrap();
     let tls = weak_key_client_tls(&t.server_ca_pem(), &weak.certificate_pem);
-    assert!(is_tls_failure(&Client::connect(options("weak-1", t.gw.mtls_addr, tls)).await));
+    assert!(is_tls_failure(
+        &Client::connect(options("weak-1", t.gw.mtls_addr, tls)).await
+    ));
     refused_with(&t, "weak_key").await;
-    assert_eq!(t.wait_event("weak-1", "auth_refused").await.detail["reason"], "weak_key");
+    assert_eq!(
+        t.wait_event("weak-1", "auth_refused").await.detail["reason"],
+        "weak_key"
+    );
 }
 
 #[tokio::test]
@@ -69,70 +112,143 @@ async fn identity_must_match_the_connect() {
     // CN and client id differ.
     let cert = t.factory("dev-a");
     let r = Client::connect(t.mtls_options("dev-b", &cert)).await;
-    assert_eq!(r.err(), Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized)));
+    assert_eq!(
+        r.err(),
+        Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized))
+    );
     refused_with(&t, "client_id_mismatch").await;
     // Device id outside the configured pattern.
     let cert = t.factory("bad.id!");
     let r = Client::connect(t.mtls_options("bad.id!", &cert)).await;
-    assert_eq!(r.err(), Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized)));
+    assert_eq!(
+        r.err(),
+        Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized))
+    );
     refused_with(&t, "invalid_device_id").await;
     // A certificate we did not issue for this device, presented as an operational one, and
     // a password login for a device without a password credential.
     let r = Client::connect(t.password_options("nobody", "nobody", "secret")).await;
     assert!(matches!(r, Err(ConnectFailure::Refused(_))));
     let r = Client::connect(t.password_options("dev-c", "someone-else", "secret")).await;
-    assert_eq!(r.err(), Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized)));
+    assert_eq!(
+        r.err(),
+        Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized))
+    );
 }
 
 #[tokio::test]
 async fn revoked_credentials_and_devices_are_refused() {
     let t = TestGateway::start().await;
     let (csr, key) = csr_for("rev-1");
-    let resp = t.enroll("rev-1", json!({"request_id": "r", "csr": csr})).await;
+    let resp = t
+        .enroll("rev-1", json!({"request_id": "r", "csr": csr}))
+        .await;
     let cred = issued(&resp, &key);
-    Client::connect(t.mtls_options("rev-1", &cred)).await.expect("valid before").disconnect().await;
-    let serial = t.gw.store.credentials_of("rev-1").await.unwrap()[0].serial.clone();
-    assert!(t.gw.store.revoke_credential(&serial, "stolen").await.unwrap());
+    Client::connect(t.mtls_options("rev-1", &cred))
+        .await
+        .expect("valid before")
+        .disconnect()
+        .await;
+    let serial = t.gw.store.credentials_of("rev-1").await.unwrap()[0]
+        .serial
+        .clone();
+    assert!(t
+        .gw
+        .store
+        .revoke_credential(&serial, "stolen")
+        .await
+        .unwrap());
     let r = Client::connect(t.mtls_options("rev-1", &cred)).await;
-    assert_eq!(r.err(), Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized)));
+    assert_eq!(
+        r.err(),
+        Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized))
+    );
     refused_with(&t, "credential_revoked").await;
-    assert_eq!(t.wait_event("rev-1", "auth_refused").await.detail["reason"], "credential_revoked");
+    assert_eq!(
+        t.wait_event("rev-1", "auth_refused").await.detail["reason"],
+        "credential_revoked"
+    );
 
     // A revoked device cannot even bootstrap.
     t.gw.store
-        .set_device_state("rev-1", onboard::store::DeviceState::Revoked, None, onboard::store::AuditEvent::new("rev-1", "revoked", "test", json!({})))
+        .set_device_state(
+            "rev-1",
+            onboard::store::DeviceState::Revoked,
+            None,
+            onboard::store::AuditEvent::new("rev-1", "revoked", "test", json!({})),
+        )
         .await
         .unwrap();
     let r = Client::connect(t.mtls_options("rev-1", &t.factory("rev-1"))).await;
-    assert_eq!(r.err(), Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized)));
+    assert_eq!(
+        r.err(),
+        Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized))
+    );
     refused_with(&t, "device_revoked").await;
 }
 
 async fn active_device(t: &TestGateway, id: &str) -> Client {
     let (csr, key) = csr_for(id);
     let resp = t.enroll(id, json!({"request_id": "r", "csr": csr})).await;
-    Client::connect(t.mtls_options(id, &issued(&resp, &key))).await.expect("device connects")
+    Client::connect(t.mtls_options(id, &issued(&resp, &key)))
+        .await
+        .expect("device connects")
 }
 
 #[tokio::test]
 async fn bootstrap_topic_rules() {
     let t = TestGateway::start().await;
-    let mut c = Client::connect(t.mtls_options("boot-1", &t.factory("boot-1"))).await.unwrap();
+    let mut c = Client::connect(t.mtls_options("boot-1", &t.factory("boot-1")))
+        .await
+        .unwrap();
     let codes = c
-        .subscribe_many(&[("enroll/boot-1/response", QoS::AtLeastOnce), ("enroll/boot-2/response", QoS::AtLeastOnce), ("enroll/#", QoS::AtMostOnce)])
+        .subscribe_many(&[
+            ("enroll/boot-1/response", QoS::AtLeastOnce),
+            ("enroll/boot-2/response", QoS::AtLeastOnce),
+            ("enroll/#", QoS::AtMostOnce),
+        ])
         .await;
-    assert_eq!(codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce), SubscribeReasonCode::Failure, SubscribeReasonCode::Failure]);
-    assert_eq!(c.subscribe("devices/boot-1/#", QoS::AtMostOnce).await, SubscribeReasonCode::Failure, "all-denied SUBSCRIBE answered by the front");
-    assert!(!c.closed_within(Duration::from_millis(100)).await, "denied subscriptions do not disconnect");
-    assert_eq!(t.metric(r#"onboard_acl_denied_total{action="subscribe",role="bootstrap"}"#).await, 3.0);
-    c.publish("devices/boot-1/telemetry", QoS::AtLeastOnce, false, "x").await;
-    assert!(c.closed_within(WAIT).await, "denied publish closes the connection");
-    assert_eq!(t.metric(r#"onboard_acl_denied_total{action="publish",role="bootstrap"}"#).await, 1.0);
+    assert_eq!(
+        codes,
+        vec![
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Failure
+        ]
+    );
+    assert_eq!(
+        c.subscribe("devices/boot-1/#", QoS::AtMostOnce).await,
+        SubscribeReasonCode::Failure,
+        "all-denied SUBSCRIBE answered by the front"
+    );
+    assert!(
+        !c.closed_within(Duration::from_millis(100)).await,
+        "denied subscriptions do not disconnect"
+    );
+    assert_eq!(
+        t.metric(r#"onboard_acl_denied_total{action="subscribe",role="bootstrap"}"#)
+            .await,
+        3.0
+    );
+    c.publish("devices/boot-1/telemetry", QoS::AtLeastOnce, false, "x")
+        .await;
+    assert!(
+        c.closed_within(WAIT).await,
+        "denied publish closes the connection"
+    );
+    assert_eq!(
+        t.metric(r#"onboard_acl_denied_total{action="publish",role="bootstrap"}"#)
+            .await,
+        1.0
+    );
     let denied = t.wait_event("boot-1", "acl_denied").await;
     assert!(denied.detail["topic"].is_string());
     // Another device's enrollment topic.
-    let c = Client::connect(t.mtls_options("boot-1", &t.factory("boot-1"))).await.unwrap();
-    c.publish("enroll/boot-2/request", QoS::AtMostOnce, false, "{}").await;
+    let c = Client::connect(t.mtls_options("boot-1", &t.factory("boot-1")))
+        .await
+        .unwrap();
+    c.publish("enroll/boot-2/request", QoS::AtMostOnce, false, "{}")
+        .await;
     let mut c = c;
     assert!(c.closed_within(WAIT).await);
 }
@@ -141,41 +257,99 @@ async fn bootstrap_topic_rules() {
 async fn device_topic_rules() {
     let t = TestGateway::start().await;
     let mut d = active_device(&t, "dev-r1").await;
-    assert_eq!(d.subscribe("devices/dev-r1/#", QoS::AtLeastOnce).await, SubscribeReasonCode::Success(QoS::AtLeastOnce));
-    assert_eq!(d.subscribe("devices/dev-r2/#", QoS::AtLeastOnce).await, SubscribeReasonCode::Failure);
-    assert_eq!(d.subscribe("devices/+/config", QoS::AtLeastOnce).await, SubscribeReasonCode::Failure);
-    assert_eq!(d.subscribe("#", QoS::AtMostOnce).await, SubscribeReasonCode::Failure);
+    assert_eq!(
+        d.subscribe("devices/dev-r1/#", QoS::AtLeastOnce).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    assert_eq!(
+        d.subscribe("devices/dev-r2/#", QoS::AtLeastOnce).await,
+        SubscribeReasonCode::Failure
+    );
+    assert_eq!(
+        d.subscribe("devices/+/config", QoS::AtLeastOnce).await,
+        SubscribeReasonCode::Failure
+    );
+    assert_eq!(
+        d.subscribe("#", QoS::AtMostOnce).await,
+        SubscribeReasonCode::Failure
+    );
     // Allowed publishes go through (and the device hears its own state).
-    d.publish("devices/dev-r1/state", QoS::AtLeastOnce, false, "on").await;
+    d.publish("devices/dev-r1/state", QoS::AtLeastOnce, false, "on")
+        .await;
     assert!(d.recv_on("devices/dev-r1/state", WAIT).await.is_some());
     // Its own config topic is written by the gateway only.
-    d.publish("devices/dev-r1/config", QoS::AtLeastOnce, true, "{}").await;
-    assert!(d.closed_within(WAIT).await, "publishing its own config closes the connection");
+    d.publish("devices/dev-r1/config", QoS::AtLeastOnce, true, "{}")
+        .await;
+    assert!(
+        d.closed_within(WAIT).await,
+        "publishing its own config closes the connection"
+    );
     // Another device's telemetry.
     let d = active_device(&t, "dev-r3").await;
-    d.publish("devices/dev-r1/telemetry", QoS::AtMostOnce, false, "x").await;
+    d.publish("devices/dev-r1/telemetry", QoS::AtMostOnce, false, "x")
+        .await;
     let mut d = d;
     assert!(d.closed_within(WAIT).await);
-    assert_eq!(t.metric(r#"onboard_acl_denied_total{action="publish",role="device"}"#).await, 2.0);
-    assert_eq!(t.metric(r#"onboard_acl_denied_total{action="subscribe",role="device"}"#).await, 3.0);
+    assert_eq!(
+        t.metric(r#"onboard_acl_denied_total{action="publish",role="device"}"#)
+            .await,
+        2.0
+    );
+    assert_eq!(
+        t.metric(r#"onboard_acl_denied_total{action="subscribe",role="device"}"#)
+            .await,
+        3.0
+    );
     // The retained config was not overwritten by the denied publish.
-    let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops"))).await.unwrap();
-    admin.subscribe("devices/dev-r1/config", QoS::AtLeastOnce).await;
-    assert_eq!(admin.recv_json("devices/dev-r1/config").await["device_id"], "dev-r1");
+    let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops")))
+        .await
+        .unwrap();
+    admin
+        .subscribe("devices/dev-r1/config", QoS::AtLeastOnce)
+        .await;
+    assert_eq!(
+        admin.recv_json("devices/dev-r1/config").await["device_id"],
+        "dev-r1"
+    );
 }
 
 #[tokio::test]
 async fn admin_topic_rules_and_commands_to_devices() {
     let t = TestGateway::start().await;
     let mut d = active_device(&t, "dev-c1").await;
-    d.subscribe("devices/dev-c1/commands/#", QoS::AtLeastOnce).await;
-    let mut a = Client::connect(t.mtls_options("any-client-id", &t.admin("alice"))).await.unwrap();
-    assert_eq!(a.subscribe("devices/#", QoS::AtMostOnce).await, SubscribeReasonCode::Success(QoS::AtMostOnce));
-    assert_eq!(a.subscribe("enroll/#", QoS::AtMostOnce).await, SubscribeReasonCode::Failure);
-    a.publish("devices/dev-c1/commands/reboot", QoS::AtLeastOnce, false, "now").await;
-    assert_eq!(&d.recv_on("devices/dev-c1/commands/reboot", WAIT).await.expect("command delivered").payload[..], b"now");
-    a.publish("devices/dev-c1/config", QoS::AtLeastOnce, true, "{}").await;
-    assert!(a.closed_within(WAIT).await, "admins do not write device config topics directly");
+    d.subscribe("devices/dev-c1/commands/#", QoS::AtLeastOnce)
+        .await;
+    let mut a = Client::connect(t.mtls_options("any-client-id", &t.admin("alice")))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.subscribe("devices/#", QoS::AtMostOnce).await,
+        SubscribeReasonCode::Success(QoS::AtMostOnce)
+    );
+    assert_eq!(
+        a.subscribe("enroll/#", QoS::AtMostOnce).await,
+        SubscribeReasonCode::Failure
+    );
+    a.publish(
+        "devices/dev-c1/commands/reboot",
+        QoS::AtLeastOnce,
+        false,
+        "now",
+    )
+    .await;
+    assert_eq!(
+        &d.recv_on("devices/dev-c1/commands/reboot", WAIT)
+            .await
+            .expect("command delivered")
+            .payload[..],
+        b"now"
+    );
+    a.publish("devices/dev-c1/config", QoS::AtLeastOnce, true, "{}")
+        .await;
+    assert!(
+        a.closed_within(WAIT).await,
+        "admins do not write device config topics directly"
+    );
     assert_eq!(t.wait_event("alice", "acl_denied").await.actor, "admin");
 }
 
@@ -183,9 +357,17 @@ async fn admin_topic_rules_and_commands_to_devices() {
 async fn will_messages_obey_the_topic_rules() {
     let t = TestGateway::start().await;
     let mut o = t.mtls_options("boot-w", &t.factory("boot-w"));
-    o.set_last_will(rumqttc::LastWill::new("devices/victim/telemetry", "x", QoS::AtMostOnce, false));
+    o.set_last_will(rumqttc::LastWill::new(
+        "devices/victim/telemetry",
+        "x",
+        QoS::AtMostOnce,
+        false,
+    ));
     let r = Client::connect(o).await;
-    assert_eq!(r.err(), Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized)));
+    assert_eq!(
+        r.err(),
+        Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized))
+    );
     refused_with(&t, "will_topic_denied").await;
 }
 
@@ -194,7 +376,9 @@ async fn keepalive_zero_is_accepted() {
     let t = TestGateway::start().await;
     let mut o = t.mtls_options("ka0", &t.admin("ka0"));
     o.set_keep_alive(Duration::ZERO);
-    let mut c = Client::connect(o).await.expect("keepalive 0 accepted (MQTT 3.1.1 3.1.2.10)");
+    let mut c = Client::connect(o)
+        .await
+        .expect("keepalive 0 accepted (MQTT 3.1.1 3.1.2.10)");
     c.subscribe("admin/ka0", QoS::AtLeastOnce).await;
     c.publish("admin/ka0", QoS::AtLeastOnce, false, "hi").await;
     assert!(c.recv_on("admin/ka0", WAIT).await.is_some());
@@ -210,28 +394,45 @@ async fn idle_and_slow_sockets_delay_nobody() {
     // Ten sockets that never start a handshake.
     let mut idle = Vec::new();
     for _ in 0..10 {
-        idle.push(tokio::net::TcpStream::connect(t.gw.mtls_addr).await.unwrap());
+        idle.push(
+            tokio::net::TcpStream::connect(t.gw.mtls_addr)
+                .await
+                .unwrap(),
+        );
     }
     // A real client still connects at once.
     let started = std::time::Instant::now();
-    let c = Client::connect(t.mtls_options("quick", &t.admin("quick"))).await.expect("connects past idle sockets");
-    assert!(started.elapsed() < Duration::from_millis(450), "connected before the idle sockets timed out");
+    let c = Client::connect(t.mtls_options("quick", &t.admin("quick")))
+        .await
+        .expect("connects past idle sockets");
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "connected before the idle sockets timed out"
+    );
     c.disconnect().await;
     // The idle sockets are closed after the handshake timeout.
     for mut s in idle {
         let mut buf = [0u8; 16];
-        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
         assert_eq!(n, 0);
     }
-    assert_eq!(t.metric(r#"onboard_auth_failures_total{reason="handshake_timeout"}"#).await, 10.0);
+    assert_eq!(
+        t.metric(r#"onboard_auth_failures_total{reason="handshake_timeout"}"#)
+            .await,
+        10.0
+    );
 
     // A TLS session that never sends CONNECT is closed too.
-    let tls = client_tls(&t.server_ca_pem(), Some((&t.admin("mute").certificate_pem, &t.admin("mute").private_key_pem)));
-    let tcp = tokio::net::TcpStream::connect(t.gw.mtls_addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake");
+    let mute = t.admin("mute");
+    let mut stream = t.raw_tls(&mute).await;
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
     assert_eq!(n, 0);
     refused_with(&t, "connect_timeout").await;
 }
@@ -240,12 +441,11 @@ async fn idle_and_slow_sockets_delay_nobody() {
 async fn mqtt5_is_refused_with_unacceptable_protocol_version() {
     let t = TestGateway::start().await;
     let admin = t.admin("v5");
-    let tls = client_tls(&t.server_ca_pem(), Some((&admin.certificate_pem, &admin.private_key_pem)));
-    let tcp = tokio::net::TcpStream::connect(t.gw.mtls_addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
+    let mut stream = t.raw_tls(&admin).await;
     // CONNECT, protocol level 5, empty properties, client id "v5".
-    let connect = [0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30, 0, 0, 2, b'v', b'5'];
+    let connect = [
+        0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30, 0, 0, 2, b'v', b'5',
+    ];
     stream.write_all(&connect).await.unwrap();
     let mut ack = [0u8; 4];
     stream.read_exact(&mut ack).await.unwrap();
@@ -256,13 +456,20 @@ async fn mqtt5_is_refused_with_unacceptable_protocol_version() {
 #[tokio::test]
 async fn the_internal_listener_refuses_clients_that_bypass_the_front() {
     let t = TestGateway::start().await;
-    for creds in [None, Some(("onboard-front", "guess")), Some(("admin", "admin"))] {
+    for creds in [
+        None,
+        Some(("onboard-front", "guess")),
+        Some(("admin", "admin")),
+    ] {
         let mut o = rumqttc::MqttOptions::new("intruder", "127.0.0.1", t.gw.internal_addr.port());
         if let Some((u, p)) = creds {
             o.set_credentials(u, p);
         }
         let r = Client::connect(o).await;
-        assert!(r.is_err(), "direct connection to the broker must fail ({creds:?})");
+        assert!(
+            r.is_err(),
+            "direct connection to the broker must fail ({creds:?})"
+        );
     }
 }
 
@@ -292,12 +499,62 @@ async fn operator_endpoints() {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
     // Every rejection code has its own series from the start.
-    for code in ["malformed_request", "csr_invalid", "csr_subject_mismatch", "weak_key", "unknown_device_type", "not_allowlisted", "device_revoked", "rate_limited", "unavailable"] {
-        let sample = format!(r#"onboard_enrollment_requests_total{{reason="{code}",result="rejected"}} 0"#);
+    for code in [
+        "malformed_request",
+        "csr_invalid",
+        "csr_subject_mismatch",
+        "weak_key",
+        "unknown_device_type",
+        "not_allowlisted",
+        "device_revoked",
+        "rate_limited",
+        "unavailable",
+    ] {
+        let sample =
+            format!(r#"onboard_enrollment_requests_total{{reason="{code}",result="rejected"}} 0"#);
         assert!(metrics.contains(&sample), "{sample}");
     }
     // Open connections by role.
-    let _a = Client::connect(t.mtls_options("ops", &t.admin("ops"))).await.unwrap();
-    eventually("admin connection counted", || async { t.metric(r#"onboard_connections{role="admin"}"#).await == 1.0 }).await;
+    let _a = Client::connect(t.mtls_options("ops", &t.admin("ops")))
+        .await
+        .unwrap();
+    eventually("admin connection counted", || async {
+        t.metric(r#"onboard_connections{role="admin"}"#).await == 1.0
+    })
+    .await;
     let _ = Arc::new(());
+}
+
+#[tokio::test]
+async fn oversized_packets_close_the_connection() {
+    let t = TestGateway::start_with(|c| {
+        c.broker.max_payload_size = 8 * 1024;
+        c.enrollment.max_request_bytes = 4 * 1024;
+    })
+    .await;
+    let mut a = Client::connect(t.mtls_options("big", &t.admin("big")))
+        .await
+        .unwrap();
+    a.subscribe("admin/big", QoS::AtLeastOnce).await;
+    a.publish("admin/big", QoS::AtLeastOnce, false, vec![b'x'; 4 * 1024])
+        .await;
+    assert!(
+        a.recv_on("admin/big", WAIT).await.is_some(),
+        "below the limit goes through"
+    );
+    a.publish("admin/big", QoS::AtLeastOnce, false, vec![b'x'; 16 * 1024])
+        .await;
+    assert!(
+        a.closed_within(WAIT).await,
+        "over the limit closes the connection"
+    );
+    let event = t.wait_event("big", "protocol_violation").await;
+    assert!(
+        event.detail["detail"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds the limit"),
+        "{:?}",
+        event.detail
+    );
 }

@@ -15,7 +15,11 @@ use crate::pki::{CertOptions, Pki};
 use crate::store::{self, Device, DeviceFilter, DeviceState};
 
 #[derive(Parser, Debug)]
-#[command(name = "onboard", version, about = "MQTT broker with a built-in zero-touch enrollment gateway")]
+#[command(
+    name = "onboard",
+    version,
+    about = "MQTT broker with a built-in zero-touch enrollment gateway"
+)]
 pub struct Cli {
     /// Configuration file (default: config/onboard.toml if it exists; every key has a default
     /// and can be overridden by ONBOARD_<SECTION>_<KEY>).
@@ -130,7 +134,9 @@ fn parse_state(s: &str) -> Result<DeviceState, String> {
 /// `30d`, `12h`, `45m`, `90s`.
 pub fn parse_period(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("bad period {s:?}; e.g. 30d, 12h"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad period {s:?}; e.g. 30d, 12h"))?;
     let secs = match unit {
         "d" => n * 86_400,
         "h" => n * 3_600,
@@ -145,7 +151,10 @@ pub fn parse_period(s: &str) -> Result<Duration, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.command, Command::Serve));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -162,7 +171,14 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging(serving: bool) {
-    let default = if serving { "info,rumqttd=warn" } else { "warn,rumqttd=error" };
+    // rumqttd logs every ordinary disconnect at ERROR ("router-drop"); the front logs what
+    // matters about connections, so the embedded broker's own log is off unless asked for
+    // (e.g. ONBOARD_LOG=info,rumqttd=info).
+    let default = if serving {
+        "info,rumqttd=off"
+    } else {
+        "warn,rumqttd=off"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ONBOARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
@@ -177,7 +193,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve => serve(config).await,
         Command::Pki(cmd) => pki(cmd, &config),
         Command::Devices(cmd) => devices(cmd, &config).await,
-        Command::Audit { device, limit, format } => audit(&device, limit, format, &config).await,
+        Command::Audit {
+            device,
+            limit,
+            format,
+        } => audit(&device, limit, format, &config).await,
     }
 }
 
@@ -206,13 +226,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -227,31 +248,56 @@ fn pki(cmd: PkiCommand, config: &Config) -> Result<()> {
         PkiCommand::Init => {
             let report = Pki::init(&config.pki)?;
             if report.created.is_empty() {
-                println!("PKI in {} is complete; nothing created", config.pki.dir.display());
+                println!(
+                    "PKI in {} is complete; nothing created",
+                    config.pki.dir.display()
+                );
             }
             for path in report.created {
                 println!("created {}", path.display());
             }
             Ok(())
         }
-        PkiCommand::IssueFactory { id, count, prefix, start, out, days, manifest, device_type, model, location, firmware } => {
+        PkiCommand::IssueFactory {
+            id,
+            count,
+            prefix,
+            start,
+            out,
+            days,
+            manifest,
+            device_type,
+            model,
+            location,
+            firmware,
+        } => {
             let ids: Vec<String> = match (id, count, prefix) {
                 (Some(id), None, None) => vec![id],
                 (None, Some(n), Some(p)) => {
                     let width = (u64::from(start) + u64::from(n)).to_string().len().max(4);
-                    (start..start.saturating_add(n)).map(|i| format!("{p}{i:0width$}")).collect()
+                    (start..start.saturating_add(n))
+                        .map(|i| format!("{p}{i:0width$}"))
+                        .collect()
                 }
                 _ => bail!("give --id DEVICE, or --count N --prefix P"),
             };
             let pattern = regex::Regex::new(&config.pki.device_id_pattern)?;
             if let Some(bad) = ids.iter().find(|id| !pattern.is_match(id)) {
-                bail!("device id {bad:?} does not match [pki] device_id_pattern {}", pattern.as_str());
+                bail!(
+                    "device id {bad:?} does not match [pki] device_id_pattern {}",
+                    pattern.as_str()
+                );
             }
             let options = CertOptions::valid_for_days(days);
             let bar = progress(ids.len() as u64, "issuing");
             let mut issued = Vec::with_capacity(ids.len());
             for chunk in ids.chunks(1000) {
-                issued.extend(crate::pki::issue_factory_batch(&config.pki.dir, chunk, &out, &options)?);
+                issued.extend(crate::pki::issue_factory_batch(
+                    &config.pki.dir,
+                    chunk,
+                    &out,
+                    &options,
+                )?);
                 bar.inc(chunk.len() as u64);
             }
             bar.finish_and_clear();
@@ -259,24 +305,48 @@ fn pki(cmd: PkiCommand, config: &Config) -> Result<()> {
                 write_manifest(&path, &ids, &device_type, &model, &location, &firmware)?;
                 println!("manifest {}", path.display());
             }
-            println!("issued {} factory certificate(s) in {}", issued.len(), out.display());
+            println!(
+                "issued {} factory certificate(s) in {}",
+                issued.len(),
+                out.display()
+            );
             Ok(())
         }
         PkiCommand::IssueAdmin { name, out } => {
             crate::pki::issue_admin(&config.pki.dir, &name, &out)?;
-            println!("issued {}/{name}.pem and {}/{name}.key", out.display(), out.display());
+            println!(
+                "issued {}/{name}.pem and {}/{name}.key",
+                out.display(),
+                out.display()
+            );
             Ok(())
         }
     }
 }
 
-fn write_manifest(path: &Path, ids: &[String], device_type: &str, model: &str, location: &str, firmware: &str) -> Result<()> {
+fn write_manifest(
+    path: &Path,
+    ids: &[String],
+    device_type: &str,
+    model: &str,
+    location: &str,
+    firmware: &str,
+) -> Result<()> {
     use std::io::Write;
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = std::io::BufWriter::new(file);
     writeln!(w, "id,type,model,location,firmware")?;
     for id in ids {
-        writeln!(w, "{},{},{},{},{}", csv_field(id), csv_field(device_type), csv_field(model), csv_field(location), csv_field(firmware))?;
+        writeln!(
+            w,
+            "{},{},{},{},{}",
+            csv_field(id),
+            csv_field(device_type),
+            csv_field(model),
+            csv_field(location),
+            csv_field(firmware)
+        )?;
     }
     w.flush()?;
     Ok(())
@@ -308,7 +378,13 @@ fn ts(t: Option<OffsetDateTime>) -> String {
 async fn devices(cmd: DevicesCommand, config: &Config) -> Result<()> {
     let store = store::open(&config.store).await?;
     match cmd {
-        DevicesCommand::List { state, device_type, expiring, limit, format } => {
+        DevicesCommand::List {
+            state,
+            device_type,
+            expiring,
+            limit,
+            format,
+        } => {
             let filter = DeviceFilter {
                 state,
                 device_type,
@@ -335,13 +411,22 @@ async fn devices(cmd: DevicesCommand, config: &Config) -> Result<()> {
             println!("state:            {}", d.state);
             println!("model:            {}", d.model.as_deref().unwrap_or(""));
             println!("location:         {}", d.location.as_deref().unwrap_or(""));
-            println!("firmware:         {}", d.firmware_version.as_deref().unwrap_or(""));
-            println!("credential kind:  {}", d.credential_kind.map(|k| k.as_str()).unwrap_or(""));
+            println!(
+                "firmware:         {}",
+                d.firmware_version.as_deref().unwrap_or("")
+            );
+            println!(
+                "credential kind:  {}",
+                d.credential_kind.map(|k| k.as_str()).unwrap_or("")
+            );
             println!("created:          {}", ts(Some(d.created_at)));
             println!("enrolled:         {}", ts(d.enrolled_at));
             println!("activated:        {}", ts(d.activated_at));
             println!("deadline:         {}", ts(d.activation_deadline));
-            println!("last error:       {}", d.last_error.as_deref().unwrap_or(""));
+            println!(
+                "last error:       {}",
+                d.last_error.as_deref().unwrap_or("")
+            );
             println!("credentials:");
             for c in credentials {
                 println!(
@@ -356,7 +441,14 @@ async fn devices(cmd: DevicesCommand, config: &Config) -> Result<()> {
             }
             println!("configs:");
             for c in configs {
-                println!("  v{} by {} at {} applied={} {}", c.version, c.created_by, ts(Some(c.created_at)), ts(c.applied_at), c.failed_error.unwrap_or_default());
+                println!(
+                    "  v{} by {} at {} applied={} {}",
+                    c.version,
+                    c.created_by,
+                    ts(Some(c.created_at)),
+                    ts(c.applied_at),
+                    c.failed_error.unwrap_or_default()
+                );
             }
         }
     }
@@ -383,7 +475,10 @@ fn print_devices(devices: &[Device], format: Format) -> Result<()> {
             }
         }
         Format::Table => {
-            println!("{:<32} {:<12} {:<10} {:<10} {:<25}", "ID", "TYPE", "STATE", "FIRMWARE", "ACTIVATED");
+            println!(
+                "{:<32} {:<12} {:<10} {:<10} {:<25}",
+                "ID", "TYPE", "STATE", "FIRMWARE", "ACTIVATED"
+            );
             for d in devices {
                 println!(
                     "{:<32} {:<12} {:<10} {:<10} {:<25}",
@@ -408,7 +503,14 @@ async fn audit(device: &str, limit: u32, format: Format, config: &Config) -> Res
         Format::Csv => {
             println!("at,event,actor,request_id,detail");
             for e in &events {
-                println!("{},{},{},{},{}", ts(Some(e.at)), csv_field(&e.event), csv_field(&e.actor), csv_field(e.request_id.as_deref().unwrap_or("")), csv_field(&e.detail.to_string()));
+                println!(
+                    "{},{},{},{},{}",
+                    ts(Some(e.at)),
+                    csv_field(&e.event),
+                    csv_field(&e.actor),
+                    csv_field(e.request_id.as_deref().unwrap_or("")),
+                    csv_field(&e.detail.to_string())
+                );
             }
         }
         Format::Table => {

@@ -265,7 +265,7 @@ impl Front {
                 return;
             }
         };
-        let (broker_stream, connack) = broker;
+        let (broker_stream, connack, broker_pending) = broker;
         if client_wr.write_all(&connack).await.is_err() {
             return;
         }
@@ -287,7 +287,7 @@ impl Front {
         let end = tokio::select! {
             _ = kill.cancelled() => End::Killed,
             end = self.client_to_broker(&identity, client_rd, broker_wr, buf, ctl_tx, keepalive_zero) => end,
-            end = broker_to_client(broker_rd, &mut client_wr, ctl_rx, self.max_packet.max(1 << 20)) => end,
+            end = broker_to_client(broker_rd, &mut client_wr, ctl_rx, broker_pending, self.max_packet.max(1 << 20)) => end,
         };
         gauge.dec();
         if let End::Denied(topic, why) = &end {
@@ -300,7 +300,9 @@ impl Front {
     async fn open_broker(
         &self,
         packet: &codec::ConnectPacket,
-    ) -> Result<(TcpStream, Bytes), (u8, String)> {
+    ) -> Result<(TcpStream, Bytes, BytesMut), (u8, String)> {
+        // Returns the stream, the CONNACK, and whatever the broker sent right behind it (a
+        // resumed session's queued messages), which must reach the client next.
         let unavailable = |e: String| (codec::connack::SERVER_UNAVAILABLE, e);
         let connect =
             codec::internal_connect(packet, crate::broker::INTERNAL_USER, &self.broker_secret)
@@ -326,7 +328,7 @@ impl Front {
                     )
                 })?;
         match codec::connack_code(&connack) {
-            Some(codec::connack::ACCEPTED) => Ok((stream, connack)),
+            Some(codec::connack::ACCEPTED) => Ok((stream, connack, buf)),
             Some(code) => Err((code, format!("broker refused CONNECT with code {code}"))),
             None => Err(unavailable("internal broker sent no CONNACK".into())),
         }
@@ -514,18 +516,23 @@ async fn broker_to_client<R, W>(
     mut broker: R,
     client: &mut W,
     mut ctl: mpsc::UnboundedReceiver<Control>,
+    pending: BytesMut,
     max_packet: usize,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(READ_BUFFER * 4);
+    let mut buf = pending;
+    buf.reserve(READ_BUFFER * 4);
+    // Bytes that came with the CONNACK are relayed before anything else is read.
+    let mut first = !buf.is_empty();
     let mut masks: HashMap<u16, Vec<bool>> = HashMap::new();
     let mut swallow_pings = 0usize;
     let mut ctl_open = true;
     loop {
         tokio::select! {
+            _ = std::future::ready(()), if first => first = false,
             read = broker.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => return End::BrokerClosed,
                 Ok(_) => {}

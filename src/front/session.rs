@@ -22,6 +22,10 @@ struct Entry {
 pub struct Sessions {
     by_id: DashMap<String, Vec<Entry>>,
     next: AtomicU64,
+    /// Serial of the factory certificate each device last bootstrapped with, kept after the
+    /// connection closes (a request is often handled after its publisher hung up) until the
+    /// enrollment takes it.
+    factory_serials: DashMap<String, String>,
 }
 
 /// Removes its session from the registry when dropped.
@@ -52,6 +56,10 @@ impl Sessions {
         kill: CancellationToken,
     ) -> SessionGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if role == Role::Bootstrap {
+            self.factory_serials
+                .insert(key.to_owned(), serial.to_owned());
+        }
         self.by_id.entry(key.to_owned()).or_default().push(Entry {
             id,
             role,
@@ -98,6 +106,11 @@ impl Sessions {
             .map(|e| e.serial.clone())
     }
 
+    /// The factory certificate serial `key` last bootstrapped with (and forget it).
+    pub fn take_factory_serial(&self, key: &str) -> Option<String> {
+        self.factory_serials.remove(key).map(|(_, serial)| serial)
+    }
+
     pub fn is_connected(&self, key: &str, role: Role) -> bool {
         self.by_id
             .get(key)
@@ -125,6 +138,10 @@ mod tests {
         assert!(kill.is_cancelled());
         drop(guard);
         assert!(!sessions.is_connected("d1", Role::Device));
+        let boot = sessions.register("d1", Role::Bootstrap, "f1", CancellationToken::new());
+        drop(boot);
+        assert_eq!(sessions.take_factory_serial("d1").as_deref(), Some("f1"));
+        assert_eq!(sessions.take_factory_serial("d1"), None);
         assert_eq!(sessions.disconnect("d1"), 0);
     }
 }

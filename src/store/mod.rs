@@ -489,8 +489,7 @@ pub async fn open(config: &crate::config::StoreConfig) -> StoreResult<std::sync:
         Ok(std::sync::Arc::new(store))
     } else if mssql::looks_like_mssql(url) {
         let store = mssql::MssqlStore::connect(url, config).await?;
-        let _ = store;
-        todo!("restore: Ok(std::sync::Arc::new(store))")
+        Ok(std::sync::Arc::new(store))
     } else {
         Err(StoreError::InvalidUrl(
             "expected sqlite://PATH, mssql://... or an ADO.NET connection string".into(),

@@ -138,6 +138,14 @@ CREATE INDEX firmware_jobs_by_device ON firmware_jobs (device_id, created_at);
 ];
 
 /// The SQLite inventory. Cheap to share behind an `Arc`; safe to call from many tasks at once.
+///
+/// Beyond the trait's doc comments:
+/// - bulk-imported devices start at generation 0;
+/// - `commit_enrollment` refuses (Conflict) to move a `revoked` device back to `enrolling`, and
+///   keeps stored metadata the request does not carry;
+/// - audit events need no device row;
+/// - conditional operations returning `Ok(false)` write nothing, not even their event;
+/// - inserting a credential, config or firmware job for an unknown device is `NotFound`.
 pub struct SqliteStore {
     inner: Arc<Inner>,
 }
@@ -926,6 +934,8 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    /// Readable and writable: the write lock can be taken within `busy_timeout` (an empty
+    /// IMMEDIATE transaction), so a file that is locked or read-only reports unreachable.
     async fn ping(&self) -> StoreResult<()> {
         self.read(|conn| {
             conn.prepare_cached("SELECT 1")
@@ -934,7 +944,8 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
             Ok(())
         })
-        .await
+        .await?;
+        self.write(|_| Ok(())).await
     }
 
     // ---- devices ------------------------------------------------------------------------------

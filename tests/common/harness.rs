@@ -125,6 +125,25 @@ impl TestGateway {
         o
     }
 
+    /// A bare TLS stream to the mTLS listener with `cert` (for hand-written MQTT bytes).
+    pub async fn raw_tls(
+        &self,
+        cert: &CertAndKey,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tls = client_tls(
+            &self.server_ca_pem(),
+            Some((&cert.certificate_pem, &cert.private_key_pem)),
+        );
+        let tcp = tokio::net::TcpStream::connect(self.gw.mtls_addr)
+            .await
+            .expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake")
+    }
+
     /// Value of one sample of `/metrics`, e.g. `onboard_auth_failures_total{reason="expired"}`
     /// (labels in the order the exposition prints them). 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
@@ -482,27 +501,47 @@ pub fn csr_for(cn: &str) -> (String, String) {
 /// A CSR for `cn` carrying an RSA-1024 key (properly self-signed with it).
 pub fn weak_rsa_csr(cn: &str) -> String {
     let key = rsa_1024();
-    let remote = rcgen::KeyPair::from_remote(Box::new(RsaSigner { key: key.clone() })).expect("remote key");
+    let remote =
+        rcgen::KeyPair::from_remote(Box::new(RsaSigner { key: key.clone() })).expect("remote key");
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    params.serialize_request(&remote).expect("csr").pem().expect("pem")
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params
+        .serialize_request(&remote)
+        .expect("csr")
+        .pem()
+        .expect("pem")
 }
 
 /// The same CSR with its signature corrupted (no proof of possession).
 pub fn tampered_csr(csr_pem: &str) -> String {
     use base64::Engine;
-    let body: String = csr_pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let mut der = base64::engine::general_purpose::STANDARD.decode(body).expect("base64");
+    let body: String = csr_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let mut der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("base64");
     let last = der.len() - 1;
     der[last] ^= 0x01;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("ascii")).collect();
-    format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", lines.join("\n"))
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("ascii"))
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+        lines.join("\n")
+    )
 }
 
 pub fn rsa_1024() -> rsa::RsaPrivateKey {
     static KEY: std::sync::OnceLock<rsa::RsaPrivateKey> = std::sync::OnceLock::new();
-    KEY.get_or_init(|| rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).expect("RSA key")).clone()
+    KEY.get_or_init(|| rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).expect("RSA key"))
+        .clone()
 }
 
 /// Signs with an RSA key that ring refuses to load (< 2048 bits), for weak-key tests.
@@ -520,7 +559,12 @@ impl RsaSigner {
 
     pub fn public_key_der(&self) -> Vec<u8> {
         use rsa::pkcs8::EncodePublicKey;
-        self.key.to_public_key().to_public_key_der().expect("spki").as_bytes().to_vec()
+        self.key
+            .to_public_key()
+            .to_public_key_der()
+            .expect("spki")
+            .as_bytes()
+            .to_vec()
     }
 }
 
@@ -530,7 +574,12 @@ impl rcgen::RemoteKeyPair for RsaSigner {
         static PK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
         PK.get_or_init(|| {
             use rsa::pkcs1::EncodeRsaPublicKey;
-            self.key.to_public_key().to_pkcs1_der().expect("pkcs1").as_bytes().to_vec()
+            self.key
+                .to_public_key()
+                .to_pkcs1_der()
+                .expect("pkcs1")
+                .as_bytes()
+                .to_vec()
         })
     }
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
@@ -542,7 +591,10 @@ impl rcgen::RemoteKeyPair for RsaSigner {
 }
 
 impl rustls::sign::SigningKey for RsaSigner {
-    fn choose_scheme(&self, offered: &[rustls::SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+    fn choose_scheme(
+        &self,
+        offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
         offered
             .contains(&rustls::SignatureScheme::RSA_PKCS1_SHA256)
             .then(|| Box::new(self.clone()) as Box<dyn rustls::sign::Signer>)
@@ -565,7 +617,11 @@ impl rustls::sign::Signer for RsaSigner {
 struct FixedCert(Arc<rustls::sign::CertifiedKey>);
 
 impl rustls::client::ResolvesClientCert for FixedCert {
-    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
     }
     fn has_certs(&self) -> bool {
@@ -585,8 +641,9 @@ pub fn weak_key_client_tls(ca_pem: &str, cert_pem: &str) -> Arc<rustls::ClientCo
     let key = Arc::new(RsaSigner { key: rsa_1024() });
     let certified = Arc::new(rustls::sign::CertifiedKey::new(chain, key));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // TLS 1.3 signs CertificateVerify with RSA-PSS only; 1.2 lets this key use PKCS#1.
     let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS12])
         .expect("protocols")
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(FixedCert(certified)));

@@ -1,0 +1,211 @@
+//! Revocation (`admin/devices/D/revoke`), reinstatement (`admin/devices/D/reinstate`) and the
+//! rollback of an enrollment (`admin/devices/D/rollback` with `target: enrollment`).
+//!
+//! The device's state in the store is what the front and the enrollment service check at every
+//! connect and enrollment, so a revocation holds across restarts; open sessions are closed at
+//! once.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{parse_body, Admin, CommandError, ErrorCode};
+use crate::store::{AuditEvent, Device, DeviceState};
+
+/// Longest revocation reason kept.
+const MAX_REASON: usize = 256;
+
+/// `admin/devices/D/revoke`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeCommand {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `admin/devices/D/reinstate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReinstateCommand {}
+
+impl Admin {
+    /// Set the device's state with its event (written in the same transaction) and announce it.
+    async fn set_state(
+        &self,
+        device_id: &str,
+        state: DeviceState,
+        last_error: Option<&str>,
+        event: AuditEvent,
+    ) -> Result<DeviceState, CommandError> {
+        let previous = self
+            .metrics
+            .store_op(
+                "set_device_state",
+                self.store
+                    .set_device_state(device_id, state, last_error, event.clone()),
+            )
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::NotFound(_) => CommandError::new(
+                    ErrorCode::UnknownDevice,
+                    format!("no device {device_id:?} in the inventory"),
+                ),
+                e => CommandError::store(&e),
+            })?;
+        self.audit.announce(&event);
+        Ok(previous)
+    }
+
+    /// Revoke every credential of the device, close its sessions and clear its retained
+    /// topics. Returns the revoked serials and how many sessions were closed.
+    async fn cut_off(
+        &self,
+        device: &Device,
+        reason: &str,
+    ) -> Result<(Vec<String>, usize), CommandError> {
+        let serials = self
+            .metrics
+            .store_op(
+                "revoke_device_credentials",
+                self.store.revoke_device_credentials(&device.id, reason),
+            )
+            .await
+            .map_err(|e| CommandError::store(&e))?;
+        let disconnected = self.sessions.disconnect(&device.id);
+        self.link
+            .clear_retained(&format!("devices/{}/config", device.id));
+        self.link
+            .clear_retained(&format!("devices/{}/firmware", device.id));
+        Ok((serials, disconnected))
+    }
+
+    /// `admin/devices/D/revoke`.
+    pub(crate) async fn revoke(
+        &self,
+        actor: &str,
+        request_id: &str,
+        device_id: &str,
+        body: Value,
+    ) -> Result<Value, CommandError> {
+        let command: RevokeCommand = parse_body(body)?;
+        let reason = command
+            .reason
+            .map(|r| super::truncate(r.trim(), MAX_REASON))
+            .filter(|r| !r.is_empty());
+        let device = self.known_device(device_id).await?;
+        if device.state == DeviceState::Revoked {
+            return Err(CommandError::new(
+                ErrorCode::AlreadyRevoked,
+                format!("device {device_id:?} is already revoked"),
+            ));
+        }
+        // The state first: from here on every connect and enrollment of the device is refused.
+        let event = AuditEvent::new(
+            device_id,
+            "device_revoked",
+            actor,
+            json!({ "reason": reason, "previous_state": device.state.as_str() }),
+        )
+        .with_request(request_id);
+        let last_error = format!(
+            "revoked by {actor}{}",
+            reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+        let previous = self
+            .set_state(device_id, DeviceState::Revoked, Some(&last_error), event)
+            .await?;
+        let (serials, disconnected) = self.cut_off(&device, "device_revoked").await?;
+        self.audit.record(
+            AuditEvent::new(
+                device_id,
+                "credentials_revoked",
+                actor,
+                json!({ "serials": serials, "reason": "device_revoked", "disconnected": disconnected }),
+            )
+            .with_request(request_id),
+        );
+        Ok(json!({
+            "device_id": device_id,
+            "state": "revoked",
+            "previous_state": previous.as_str(),
+            "revoked_credentials": serials,
+            "disconnected": disconnected,
+        }))
+    }
+
+    /// `admin/devices/D/reinstate`: a revoked device becomes `pending` and may enroll again
+    /// with its factory certificate.
+    pub(crate) async fn reinstate(
+        &self,
+        actor: &str,
+        request_id: &str,
+        device_id: &str,
+        body: Value,
+    ) -> Result<Value, CommandError> {
+        let _: ReinstateCommand = parse_body(body)?;
+        let device = self.known_device(device_id).await?;
+        if device.state != DeviceState::Revoked {
+            return Err(CommandError::new(
+                ErrorCode::NotRevoked,
+                format!("device {device_id:?} is {}, not revoked", device.state),
+            ));
+        }
+        let event = AuditEvent::new(
+            device_id,
+            "device_reinstated",
+            actor,
+            json!({ "previous_state": "revoked" }),
+        )
+        .with_request(request_id);
+        self.set_state(device_id, DeviceState::Pending, None, event)
+            .await?;
+        Ok(json!({ "device_id": device_id, "state": "pending" }))
+    }
+
+    /// `admin/devices/D/rollback` with `target: enrollment`: the device's credentials are
+    /// revoked, its sessions closed, its retained topics cleared and its state `pending`; it
+    /// enrolls again with its factory certificate (its configuration history is kept).
+    pub(crate) async fn rollback_enrollment(
+        &self,
+        actor: &str,
+        request_id: &str,
+        device_id: &str,
+    ) -> Result<Value, CommandError> {
+        let device = self.known_device(device_id).await?;
+        if device.state == DeviceState::Revoked {
+            return Err(CommandError::new(
+                ErrorCode::DeviceRevoked,
+                format!("device {device_id:?} is revoked; reinstate it instead"),
+            ));
+        }
+        let (serials, disconnected) = self.cut_off(&device, "enrollment_rolled_back").await?;
+        let event = AuditEvent::new(
+            device_id,
+            "enrollment_rolled_back",
+            actor,
+            json!({
+                "trigger": "admin",
+                "previous_state": device.state.as_str(),
+                "revoked_credentials": serials,
+                "disconnected": disconnected,
+            }),
+        )
+        .with_request(request_id);
+        let previous = self
+            .set_state(device_id, DeviceState::Pending, None, event)
+            .await?;
+        self.metrics
+            .rollbacks
+            .with_label_values(&["enrollment", "admin"])
+            .inc();
+        Ok(json!({
+            "device_id": device_id,
+            "state": "pending",
+            "previous_state": previous.as_str(),
+            "revoked_credentials": serials,
+            "disconnected": disconnected,
+        }))
+    }
+}

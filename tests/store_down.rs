@@ -1,0 +1,117 @@
+//! The store is down (its write lock held by someone else): enrollments are answered
+//! `unavailable` with a retry hint and nothing half-written, active devices keep working,
+//! activation marks are queued and written when the store comes back, `/readyz` says so.
+
+mod common;
+
+use std::time::Duration;
+
+use common::harness::*;
+use onboard::store::DeviceState;
+use rumqttc::QoS;
+use serde_json::json;
+
+/// Hold SQLite's write lock from another connection until the returned sender is dropped.
+fn lock_store(path: std::path::PathBuf) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(path).expect("open");
+        conn.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+        locked_tx.send(()).expect("signal");
+        let _ = rx.recv();
+        conn.execute_batch("ROLLBACK").expect("unlock");
+    });
+    locked_rx.recv_timeout(WAIT).expect("store locked");
+    tx
+}
+
+#[tokio::test]
+async fn enrollment_and_activation_while_the_store_is_down() {
+    let t = TestGateway::start_with(|c| c.store.query_timeout_ms = 200).await;
+    let db = t.dir.path().join("onboard.db");
+
+    // One device is active before the outage; one is enrolled and not yet active.
+    let (csr, key) = csr_for("up-1");
+    let up = t
+        .enroll("up-1", json!({"request_id": "a", "csr": csr}))
+        .await;
+    let mut active = Client::connect(t.mtls_options("up-1", &issued(&up, &key)))
+        .await
+        .unwrap();
+    active.subscribe("devices/up-1/#", QoS::AtLeastOnce).await;
+    active
+        .publish("devices/up-1/telemetry", QoS::AtLeastOnce, false, "1")
+        .await;
+    eventually("up-1 active", || async {
+        t.gw.store
+            .device("up-1")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.state == DeviceState::Active)
+    })
+    .await;
+    let (csr2, key2) = csr_for("late-1");
+    let late = t
+        .enroll("late-1", json!({"request_id": "a", "csr": csr2}))
+        .await;
+    let late_client = Client::connect(t.mtls_options("late-1", &issued(&late, &key2)))
+        .await
+        .unwrap();
+
+    let unlock = lock_store(db);
+    let (status, body) = t.http_get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+
+    // Enrollment: a clear retryable answer, nothing written.
+    let resp = t.enroll("down-1", json!({"request_id": "r"})).await;
+    assert_eq!(resp["status"], "rejected", "{resp}");
+    assert_eq!(resp["error"]["code"], "unavailable");
+    assert!(resp["error"]["retry_after_ms"]
+        .as_u64()
+        .is_some_and(|ms| ms > 0));
+    assert!(
+        t.metric(r#"onboard_enrollment_requests_total{reason="unavailable",result="rejected"}"#)
+            .await
+            >= 1.0
+    );
+    assert!(
+        t.metric(r#"onboard_store_errors_total{op="commit_enrollment"}"#)
+            .await
+            >= 1.0
+    );
+
+    // The broker keeps serving the active device.
+    active
+        .publish("devices/up-1/state", QoS::AtLeastOnce, false, "still here")
+        .await;
+    assert!(active.recv_on("devices/up-1/state", WAIT).await.is_some());
+
+    // The enrolled device reports: its activation is queued, not lost.
+    late_client
+        .publish("devices/late-1/telemetry", QoS::AtLeastOnce, false, "1")
+        .await;
+    eventually("activation queued", || async {
+        t.gw.lifecycle.queued_activations() == 1
+    })
+    .await;
+
+    drop(unlock);
+    eventually("late-1 active once the store is back", || async {
+        t.gw.store
+            .device("late-1")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.state == DeviceState::Active)
+    })
+    .await;
+    assert_eq!(t.http_get("/readyz").await.0, 200);
+    assert!(t.gw.store.device("down-1").await.unwrap().is_none());
+    // And the retry now succeeds.
+    let resp = t.enroll("down-1", json!({"request_id": "r"})).await;
+    assert_eq!(resp["status"], "accepted", "{resp}");
+    let _ = Duration::ZERO;
+}
