@@ -3,13 +3,9 @@
 
 mod common;
 
-// The command-line glue is compiled into this test too, so that it runs against a real gateway.
-use onboard::{config, import, store, templates};
-#[path = "../src/cli/admin.rs"]
-#[allow(dead_code)]
-mod cli_admin;
-#[path = "../src/cli/import.rs"]
-mod cli_import;
+// The command-line glue runs against a real gateway too.
+use onboard::cli::{admin as cli_admin, import as cli_import};
+use onboard::import;
 
 use std::time::Duration;
 

@@ -1,5 +1,8 @@
 //! The `onboard` command line. Errors are reported with `anyhow` here and nowhere else.
 
+pub mod admin;
+pub mod import;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -39,6 +42,13 @@ pub enum Command {
     /// The device inventory.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Send an admin command to a running gateway (admin certificate) and print the reply.
+    Admin {
+        #[command(flatten)]
+        conn: admin::AdminConnection,
+        #[command(subcommand)]
+        cmd: admin::AdminCommand,
+    },
     /// A device's audit trail, oldest first.
     Audit {
         device: String,
@@ -96,6 +106,13 @@ pub enum PkiCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum DevicesCommand {
+    /// Pre-register devices from a CSV file (id,type,model,location,firmware) as `pending`.
+    /// Every row is validated first; nothing is imported if one is bad, unless --skip-invalid.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        skip_invalid: bool,
+    },
     /// List devices.
     List {
         #[arg(long, value_parser = parse_state)]
@@ -193,6 +210,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve => serve(config).await,
         Command::Pki(cmd) => pki(cmd, &config),
         Command::Devices(cmd) => devices(cmd, &config).await,
+        Command::Admin { conn, cmd } => admin::run(cmd, &config, &conn).await,
         Command::Audit {
             device,
             limit,
@@ -376,8 +394,12 @@ fn ts(t: Option<OffsetDateTime>) -> String {
 }
 
 async fn devices(cmd: DevicesCommand, config: &Config) -> Result<()> {
+    if let DevicesCommand::Import { file, skip_invalid } = &cmd {
+        return import::run_import(file, *skip_invalid, config).await;
+    }
     let store = store::open(&config.store).await?;
     match cmd {
+        DevicesCommand::Import { .. } => {}
         DevicesCommand::List {
             state,
             device_type,
