@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod import;
+pub mod simulate;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,6 +50,8 @@ pub enum Command {
         #[command(subcommand)]
         cmd: admin::AdminCommand,
     },
+    /// Simulate a fleet enrolling end to end against a running gateway.
+    Simulate(simulate::SimulateArgs),
     /// A device's audit trail, oldest first.
     Audit {
         device: String,
@@ -211,6 +214,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Pki(cmd) => pki(cmd, &config),
         Command::Devices(cmd) => devices(cmd, &config).await,
         Command::Admin { conn, cmd } => admin::run(cmd, &config, &conn).await,
+        Command::Simulate(args) => simulate::run_cli(args, &config).await,
         Command::Audit {
             device,
             limit,
