@@ -19,6 +19,7 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerConfig, ServerConfig};
 
@@ -110,6 +111,9 @@ pub struct Broker {
     /// Password the front presents; random per process.
     pub secret: Arc<str>,
     pub link: BrokerLink,
+    /// Cancelled when the broker's router is gone (it panicked): nothing can be routed any more
+    /// and the process should be restarted.
+    pub failed: CancellationToken,
 }
 
 impl Broker {
@@ -119,7 +123,10 @@ impl Broker {
         broker: &BrokerConfig,
         server: &ServerConfig,
     ) -> Result<(Broker, Inbox), BrokerError> {
-        let internal_addr = pick_internal_addr(broker.internal_listen)?;
+        let internal_addr = match broker.internal_listen.port() {
+            0 => free_loopback_port(broker.internal_listen)?,
+            _ => broker.internal_listen,
+        };
         let mut secret_bytes = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut secret_bytes);
         let secret: Arc<str> = Arc::from(hex::encode(secret_bytes));
@@ -188,7 +195,8 @@ impl Broker {
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
         let (in_tx, in_rx) = mpsc::channel(4096);
-        tokio::spawn(run_receiver(link_rx, in_tx));
+        let failed = CancellationToken::new();
+        tokio::spawn(run_receiver(link_rx, in_tx, failed.clone()));
 
         wait_listening(internal_addr, &secret).await?;
         tracing::info!(%internal_addr, "embedded broker listening (loopback, front only)");
@@ -197,21 +205,38 @@ impl Broker {
                 internal_addr,
                 secret,
                 link: BrokerLink { tx: out_tx },
+                failed,
             },
             Inbox { rx: in_rx },
         ))
     }
 }
 
-/// Port 0 means: pick a free loopback port now (rumqttd binds by address, not by socket).
-fn pick_internal_addr(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
-    if addr.port() != 0 {
-        return Ok(addr);
+/// Ports handed out by this process, never handed out twice (several gateways may start at
+/// once in one process, e.g. in tests).
+static PICKED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// A free port below the kernel's ephemeral range (32768+ on Linux), so that neither another
+/// `bind(0)` nor an outgoing connection takes it between this check and rumqttd's own bind.
+fn free_loopback_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
+    use rand::Rng;
+    const RANGE: std::ops::Range<u16> = 20_000..32_000;
+    let mut picked = PICKED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let candidate = SocketAddr::new(addr.ip(), rng.gen_range(RANGE));
+        if picked.contains(&candidate.port()) {
+            continue;
+        }
+        if StdListener::bind(candidate).is_ok() {
+            picked.push(candidate.port());
+            return Ok(candidate);
+        }
     }
-    let probe = StdListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
-    probe
-        .local_addr()
-        .map_err(|source| BrokerError::Bind { addr, source })
+    Err(BrokerError::Bind {
+        addr,
+        source: std::io::Error::other("no free loopback port in 20000-31999"),
+    })
 }
 
 /// Wait until the internal listener answers a CONNECT with our secret (a clean session that
@@ -223,7 +248,7 @@ async fn wait_listening(addr: SocketAddr, secret: &str) -> Result<(), BrokerErro
     let packet = Packet::Connect(
         Connect {
             keep_alive: 10,
-            client_id: "onboard-probe".into(),
+            client_id: format!("onboard-probe-{}", addr.port()),
             clean_session: true,
         },
         None,
@@ -271,7 +296,15 @@ fn run_publisher(mut link_tx: LinkTx, mut rx: mpsc::UnboundedReceiver<Outbound>)
     }
 }
 
-async fn run_receiver(mut link_rx: LinkRx, tx: mpsc::Sender<Inbound>) {
+async fn run_receiver(link_rx: LinkRx, tx: mpsc::Sender<Inbound>, failed: CancellationToken) {
+    receive(link_rx, tx).await;
+    // The link ends only when the router is gone (the gateway never drops its receiver while
+    // running): nothing can be routed any more.
+    tracing::error!("embedded broker's router stopped; the gateway cannot route messages");
+    failed.cancel();
+}
+
+async fn receive(mut link_rx: LinkRx, tx: mpsc::Sender<Inbound>) {
     loop {
         match link_rx.next().await {
             Ok(Some(Notification::Forward(forward))) => {

@@ -57,6 +57,8 @@ pub struct Gateway {
     pub metrics_addr: SocketAddr,
     /// The broker's loopback listener (refuses anything but the front).
     pub internal_addr: SocketAddr,
+    /// Cancelled if the embedded broker's router stops: the process should be restarted.
+    pub broker_failed: CancellationToken,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub pki: Arc<Pki>,
@@ -224,6 +226,7 @@ impl Gateway {
         let http_state = metrics::HttpState {
             metrics: metrics.clone(),
             store: store.clone(),
+            broker_failed: broker.failed.clone(),
         };
         let http_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
@@ -256,6 +259,7 @@ impl Gateway {
             password_addr,
             metrics_addr,
             internal_addr: broker.internal_addr,
+            broker_failed: broker.failed.clone(),
             store,
             metrics,
             pki,

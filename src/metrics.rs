@@ -294,6 +294,8 @@ impl Metrics {
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn Store>,
+    /// Cancelled when the embedded broker stopped routing.
+    pub broker_failed: tokio_util::sync::CancellationToken,
 }
 
 /// Serve `/metrics`, `/healthz`, `/readyz` on an already-bound listener until `shutdown` fires.
@@ -304,7 +306,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health_handler))
         .route("/readyz", get(ready_handler))
         .with_state(state);
     axum::serve(listener, app)
@@ -330,7 +332,21 @@ async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
     )
 }
 
+async fn health_handler(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.broker_failed.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker stopped\n")
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
+}
+
 async fn ready_handler(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.broker_failed.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: broker stopped\n".to_string(),
+        );
+    }
     match state.metrics.store_op("ping", state.store.ping()).await {
         Ok(()) => (
             StatusCode::OK,

@@ -456,12 +456,17 @@ async fn mqtt5_is_refused_with_unacceptable_protocol_version() {
 #[tokio::test]
 async fn the_internal_listener_refuses_clients_that_bypass_the_front() {
     let t = TestGateway::start().await;
+    let addr = t.gw.internal_addr;
+    assert!(
+        addr.ip().is_loopback(),
+        "the broker listens on loopback only"
+    );
     for creds in [
         None,
         Some(("onboard-front", "guess")),
         Some(("admin", "admin")),
     ] {
-        let mut o = rumqttc::MqttOptions::new("intruder", "127.0.0.1", t.gw.internal_addr.port());
+        let mut o = rumqttc::MqttOptions::new("intruder", "127.0.0.1", addr.port());
         if let Some((u, p)) = creds {
             o.set_credentials(u, p);
         }

@@ -238,10 +238,18 @@ async fn serve(config: Config) -> Result<()> {
         gateway.metrics_addr,
         gateway.store.backend()
     );
-    shutdown_signal().await;
-    eprintln!("shutting down");
-    gateway.stop().await;
-    Ok(())
+    let broker_failed = gateway.broker_failed.clone();
+    tokio::select! {
+        _ = shutdown_signal() => {
+            eprintln!("shutting down");
+            gateway.stop().await;
+            Ok(())
+        }
+        _ = broker_failed.cancelled() => {
+            gateway.stop().await;
+            bail!("the embedded broker stopped routing messages; exiting so that the service manager restarts the gateway (its state is rebuilt from the store)")
+        }
+    }
 }
 
 async fn shutdown_signal() {
