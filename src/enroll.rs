@@ -389,8 +389,19 @@ impl Enroller {
         self.locks.retain(|_, lock| Arc::strong_count(lock) > 1);
     }
 
-    /// Handle one request of `device_id` and publish the answer on `enroll/D/response`.
+    /// Handle one request of `device_id` and publish the answer on `enroll/D/response`
+    /// through the broker (bootstrap sessions the broker holds).
     pub async fn handle(&self, device_id: &str, payload: &[u8]) -> Value {
+        let response = self.answer(device_id, payload).await;
+        self.link.publish(
+            &format!("enroll/{device_id}/response"),
+            serde_json::to_vec(&response).unwrap_or_default(),
+        );
+        response
+    }
+
+    /// Handle one request of `device_id` and return the answer (the caller delivers it).
+    pub async fn answer(&self, device_id: &str, payload: &[u8]) -> Value {
         let started = Instant::now();
         let (request_id, outcome) = match validate(payload, &self.config, &self.templates) {
             Err((id, rejection)) => (id, Err(rejection)),
@@ -423,10 +434,6 @@ impl Enroller {
                 rejection.to_json(request_id.as_deref())
             }
         };
-        self.link.publish(
-            &format!("enroll/{device_id}/response"),
-            serde_json::to_vec(&response).unwrap_or_default(),
-        );
         self.metrics
             .enrollment_duration
             .observe(started.elapsed().as_secs_f64());

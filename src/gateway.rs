@@ -192,6 +192,7 @@ impl Gateway {
             metrics: metrics.clone(),
             audit: audit.clone(),
             sessions: sessions.clone(),
+            enroller: enroller.clone(),
             hooks: Arc::new(Hooks {
                 lifecycle: lifecycle.clone(),
                 admin: admin.clone(),

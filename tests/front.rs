@@ -563,3 +563,47 @@ async fn oversized_packets_close_the_connection() {
         event.detail
     );
 }
+
+#[tokio::test]
+async fn bootstrap_sessions_served_by_the_front_follow_mqtt() {
+    let t = TestGateway::start().await;
+    let cert = t.factory("raw-1");
+    let mut s = t.raw_tls(&cert).await;
+    // CONNECT, clean session, keepalive 1 s, client id raw-1.
+    let connect = [
+        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 1, 0, 5, b'r', b'a', b'w', b'-', b'1',
+    ];
+    s.write_all(&connect).await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(buf, [0x20, 2, 0, 0], "CONNACK accepted");
+    // SUBSCRIBE enroll/raw-1/response at QoS 2: granted QoS 1.
+    let topic = b"enroll/raw-1/response";
+    let mut sub = vec![
+        0x82,
+        (2 + 2 + topic.len() + 1) as u8,
+        0,
+        9,
+        0,
+        topic.len() as u8,
+    ];
+    sub.extend_from_slice(topic);
+    sub.push(2);
+    s.write_all(&sub).await.unwrap();
+    let mut ack = [0u8; 5];
+    s.read_exact(&mut ack).await.unwrap();
+    assert_eq!(ack, [0x90, 3, 0, 9, 1]);
+    // PINGREQ -> PINGRESP.
+    s.write_all(&[0xc0, 0]).await.unwrap();
+    let mut ping = [0u8; 2];
+    s.read_exact(&mut ping).await.unwrap();
+    assert_eq!(ping, [0xd0, 0]);
+    // Silence for more than 1.5 x keepalive closes the session.
+    let mut rest = [0u8; 8];
+    let n = tokio::time::timeout(WAIT, s.read(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    t.wait_event("raw-1", "protocol_violation").await;
+}

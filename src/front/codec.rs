@@ -11,10 +11,17 @@ pub mod kind {
     pub const CONNECT: u8 = 1;
     pub const CONNACK: u8 = 2;
     pub const PUBLISH: u8 = 3;
+    pub const PUBACK: u8 = 4;
+    pub const PUBREC: u8 = 5;
+    pub const PUBREL: u8 = 6;
+    pub const PUBCOMP: u8 = 7;
     pub const SUBSCRIBE: u8 = 8;
     pub const SUBACK: u8 = 9;
+    pub const UNSUBSCRIBE: u8 = 10;
+    pub const UNSUBACK: u8 = 11;
     pub const PINGREQ: u8 = 12;
     pub const PINGRESP: u8 = 13;
+    pub const DISCONNECT: u8 = 14;
 }
 
 /// CONNACK return codes (MQTT 3.1.1 §3.2.2.3).
@@ -271,6 +278,32 @@ pub fn parse_suback<'a>(bytes: &'a [u8], frame: &Frame) -> Result<(u16, &'a [u8]
     Ok((pkid, bytes.get(at + 2..frame.len).ok_or(ERR)?))
 }
 
+/// A PUBLISH (not retained, not a duplicate); `pkid` is used for QoS > 0.
+pub fn publish(topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Bytes {
+    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
+    let mut out = BytesMut::with_capacity(len + 5);
+    out.put_u8((kind::PUBLISH << 4) | (qos.min(2) << 1));
+    put_remaining_length(&mut out, len);
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic.as_bytes());
+    if qos > 0 {
+        out.put_u16(pkid);
+    }
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// Packet identifier of a PUBLISH with QoS > 0, or of an acknowledgement / UNSUBSCRIBE.
+pub fn packet_id(bytes: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]))
+}
+
+/// An acknowledgement packet (PUBACK, PUBREC, PUBCOMP, UNSUBACK) carrying `pkid`.
+pub fn ack(kind: u8, pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [kind << 4, 2, hi, lo]
+}
+
 /// Failure return code of a SUBACK.
 pub const SUBACK_FAILURE: u8 = 0x80;
 
@@ -356,6 +389,20 @@ mod tests {
             (login.username.as_str(), login.password.as_str()),
             ("front", "s3cret")
         );
+    }
+
+    #[test]
+    fn publishes_we_write_parse_back() {
+        for qos in [0u8, 1] {
+            let bytes = publish("enroll/d/response", qos, 7, b"{}");
+            let f = frame(&bytes, 1000).unwrap().unwrap();
+            assert_eq!(f.len, bytes.len());
+            let (topic, at) = publish_topic(&bytes, &f).unwrap();
+            assert_eq!(topic, "enroll/d/response");
+            assert_eq!(&bytes[at..], b"{}");
+            assert_eq!((f.header >> 1) & 3, qos);
+        }
+        assert_eq!(ack(kind::PUBACK, 0x0102), [0x40, 2, 1, 2]);
     }
 
     #[test]

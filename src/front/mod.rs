@@ -11,6 +11,7 @@
 //!    against [`rules::allowed`] on its way in; denied filters get SUBACK 0x80, a denied publish
 //!    closes the connection. Everything else passes through untouched.
 
+mod bootstrap;
 pub mod codec;
 pub mod identity;
 pub mod rules;
@@ -61,6 +62,8 @@ pub struct Front {
     pub audit: Auditor,
     pub sessions: Arc<Sessions>,
     pub hooks: Arc<dyn FrontHooks>,
+    /// Answers the bootstrap sessions the front serves itself.
+    pub enroller: Arc<crate::enroll::Enroller>,
     /// The broker's internal listener and the secret it accepts.
     pub broker_addr: SocketAddr,
     pub broker_secret: Arc<str>,
@@ -247,6 +250,37 @@ impl Front {
                 return;
             }
         };
+
+        if identity.principal.role == Role::Bootstrap && Self::serves_bootstrap(&packet) {
+            let kill = shutdown.child_token();
+            let _session = self.sessions.register(
+                &identity.principal.id,
+                Role::Bootstrap,
+                &identity.serial,
+                kill.clone(),
+            );
+            let gauge = self
+                .metrics
+                .connections
+                .with_label_values(&[Role::Bootstrap.as_str()]);
+            gauge.inc();
+            let end = self
+                .bootstrap_session(
+                    &identity,
+                    client_rd,
+                    &mut client_wr,
+                    buf,
+                    packet.connect.keep_alive,
+                    kill,
+                )
+                .await;
+            gauge.dec();
+            if let End::Denied(topic, why) = &end {
+                tracing::info!(id = %identity.principal.id, role = "bootstrap", topic, why, "publish denied; connection closed");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), client_wr.shutdown()).await;
+            return;
+        }
 
         // Hand-off to the broker.
         let broker = match self.open_broker(&packet).await {
