@@ -26,36 +26,9 @@ async fn active_device(t: &TestGateway, id: &str) -> (Client, CertAndKey) {
         .await;
     assert_eq!(resp["status"], "accepted", "{resp}");
     let cred = issued(&resp, &key);
-    let mut device = Client::connect(t.mtls_options(id, &cred))
-        .await
-        .expect("operational connect");
-    device
-        .subscribe(&format!("devices/{id}/#"), QoS::AtLeastOnce)
-        .await;
-    let config = device.recv_json(&format!("devices/{id}/config")).await;
-    assert_eq!(config["device_id"], id);
-    device
-        .publish(
-            &format!("devices/{id}/telemetry"),
-            QoS::AtLeastOnce,
-            false,
-            r#"{"t":1}"#,
-        )
-        .await;
+    let device = activate_with_cert(t, id, &resp, &key).await;
     wait_state(t, id, DeviceState::Active).await;
     (device, cred)
-}
-
-async fn wait_state(t: &TestGateway, id: &str, state: DeviceState) {
-    eventually(&format!("{id} becomes {state}"), || async {
-        t.gw.store
-            .device(id)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|d| d.state == state)
-    })
-    .await;
 }
 
 /// An admin connection subscribed to every response.

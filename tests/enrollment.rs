@@ -10,40 +10,6 @@ use onboard::store::{CredentialKind, DeviceState};
 use rumqttc::QoS;
 use serde_json::{json, Value};
 
-/// Connect with the operational certificate, check the retained config, report telemetry.
-async fn activate_with_cert(t: &TestGateway, id: &str, response: &Value, key_pem: &str) -> Client {
-    let cred = issued(response, key_pem);
-    let mut device = Client::connect(t.mtls_options(id, &cred))
-        .await
-        .expect("operational connect");
-    device
-        .subscribe(&format!("devices/{id}/config"), QoS::AtLeastOnce)
-        .await;
-    let config = device.recv_json(&format!("devices/{id}/config")).await;
-    assert_eq!(config["device_id"], id);
-    device
-        .publish(
-            &format!("devices/{id}/telemetry"),
-            QoS::AtLeastOnce,
-            false,
-            r#"{"t":21.0}"#,
-        )
-        .await;
-    device
-}
-
-async fn wait_state(t: &TestGateway, id: &str, state: DeviceState) {
-    eventually(&format!("{id} becomes {state}"), || async {
-        t.gw.store
-            .device(id)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|d| d.state == state)
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn csr_enrollment_end_to_end() {
     let t = TestGateway::start().await;

@@ -204,6 +204,47 @@ impl TestGateway {
     }
 }
 
+/// Wait until the inventory shows `id` in `state`.
+pub async fn wait_state(t: &TestGateway, id: &str, state: onboard::store::DeviceState) {
+    eventually(&format!("{id} becomes {state}"), || async {
+        t.gw.store
+            .device(id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.state == state)
+    })
+    .await;
+}
+
+/// Reconnect with the operational certificate of an accepted `response` (and the device's
+/// `key_pem`), check the retained configuration and report telemetry, which activates it.
+pub async fn activate_with_cert(
+    t: &TestGateway,
+    id: &str,
+    response: &Value,
+    key_pem: &str,
+) -> Client {
+    let cred = issued(response, key_pem);
+    let mut device = Client::connect(t.mtls_options(id, &cred))
+        .await
+        .expect("operational connect");
+    device
+        .subscribe(&format!("devices/{id}/#"), QoS::AtLeastOnce)
+        .await;
+    let config = device.recv_json(&format!("devices/{id}/config")).await;
+    assert_eq!(config["device_id"], id);
+    device
+        .publish(
+            &format!("devices/{id}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"t":21.0}"#,
+        )
+        .await;
+    device
+}
+
 /// Wait for `cond` to become true (polling), or panic with `what`.
 pub async fn eventually<F, Fut>(what: &str, mut cond: F)
 where
