@@ -593,7 +593,10 @@ impl Enroller {
                 })?,
         };
 
-        let deadline = now + Duration::from_secs(self.config.activation_timeout_secs);
+        // Whole seconds: what the device is told is exactly what the store holds.
+        let deadline = (now + Duration::from_secs(self.config.activation_timeout_secs))
+            .replace_nanosecond(0)
+            .unwrap_or(now + Duration::from_secs(self.config.activation_timeout_secs));
         let config_topic = format!("devices/{device_id}/config");
         let answer = |credential: Value| {
             json!({

@@ -41,7 +41,11 @@ async fn csr_enrollment_end_to_end() {
         .ends_with('Z'));
     assert_eq!(resp["config_topic"], format!("devices/{id}/config"));
     assert_eq!(resp["config_version"], 1);
-    assert!(resp["activation_deadline"].is_string());
+    let deadline = resp["activation_deadline"].as_str().unwrap();
+    assert!(
+        deadline.ends_with('Z') && !deadline.contains('.'),
+        "whole seconds, UTC: {deadline}"
+    );
 
     // Store: device enrolling with metadata, one credential, config v1.
     let device = t.gw.store.device(id).await.unwrap().expect("device row");
