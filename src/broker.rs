@@ -106,8 +106,8 @@ impl Inbox {
 
 /// A running embedded broker.
 pub struct Broker {
-    /// Loopback address of the internal listener (only the front connects here).
-    pub internal_addr: SocketAddr,
+    /// Loopback addresses of the internal listeners (only the front connects here).
+    pub internal_addrs: Vec<SocketAddr>,
     /// Password the front presents; random per process.
     pub secret: Arc<str>,
     pub link: BrokerLink,
@@ -123,10 +123,18 @@ impl Broker {
         broker: &BrokerConfig,
         server: &ServerConfig,
     ) -> Result<(Broker, Inbox), BrokerError> {
-        let internal_addr = match broker.internal_listen.port() {
-            0 => free_loopback_port(broker.internal_listen)?,
-            _ => broker.internal_listen,
-        };
+        let internal_addrs = (0..broker.internal_listeners)
+            .map(|i| match broker.internal_listen.port() {
+                0 => free_loopback_port(broker.internal_listen),
+                port => port
+                    .checked_add(i)
+                    .map(|p| SocketAddr::new(broker.internal_listen.ip(), p))
+                    .ok_or(BrokerError::Bind {
+                        addr: broker.internal_listen,
+                        source: std::io::Error::other("internal ports past 65535"),
+                    }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut secret_bytes = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut secret_bytes);
         let secret: Arc<str> = Arc::from(hex::encode(secret_bytes));
@@ -148,13 +156,21 @@ impl Broker {
                 ));
             async move { ok }
         });
-        let listener = ServerSettings {
-            name: "internal".into(),
-            listen: internal_addr,
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections,
-        };
+        let listeners: std::collections::HashMap<String, ServerSettings> = internal_addrs
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let name = format!("internal-{i}");
+                let settings = ServerSettings {
+                    name: name.clone(),
+                    listen: *addr,
+                    tls: None,
+                    next_connection_delay_ms: 0,
+                    connections: connections.clone(),
+                };
+                (name, settings)
+            })
+            .collect();
         let config = rumqttd::Config {
             id: 0,
             router: RouterConfig {
@@ -166,7 +182,7 @@ impl Broker {
                 initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
             },
-            v4: Some([("internal".to_string(), listener)].into_iter().collect()),
+            v4: Some(listeners),
             ..Default::default()
         };
 
@@ -198,11 +214,13 @@ impl Broker {
         let failed = CancellationToken::new();
         tokio::spawn(run_receiver(link_rx, in_tx, failed.clone()));
 
-        wait_listening(internal_addr, &secret).await?;
-        tracing::info!(%internal_addr, "embedded broker listening (loopback, front only)");
+        for addr in &internal_addrs {
+            wait_listening(*addr).await?;
+        }
+        tracing::info!(internal = ?internal_addrs, "embedded broker listening (loopback, front only)");
         Ok((
             Broker {
-                internal_addr,
+                internal_addrs,
                 secret,
                 link: BrokerLink { tx: out_tx },
                 failed,
@@ -239,41 +257,13 @@ fn free_loopback_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
     })
 }
 
-/// Wait until the internal listener answers a CONNECT with our secret (a clean session that
-/// is closed with DISCONNECT right away).
-async fn wait_listening(addr: SocketAddr, secret: &str) -> Result<(), BrokerError> {
-    use rumqttd::protocol::{Connect, Login, Protocol};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut connect = bytes::BytesMut::new();
-    let packet = Packet::Connect(
-        Connect {
-            keep_alive: 10,
-            client_id: format!("onboard-probe-{}", addr.port()),
-            clean_session: true,
-        },
-        None,
-        None,
-        None,
-        Some(Login {
-            username: INTERNAL_USER.into(),
-            password: secret.into(),
-        }),
-    );
-    rumqttd::protocol::v4::V4
-        .write(packet, &mut connect)
-        .map_err(|e| BrokerError::Link(e.to_string()))?;
+/// Wait until the internal listener accepts TCP connections. (No MQTT exchange: a session
+/// opened and closed while the broker starts can leave rumqttd's per-listener session
+/// bookkeeping in a state that later panics.)
+async fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
     for _ in 0..1000 {
-        if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
-            let mut ack = [0u8; 4];
-            if stream.write_all(&connect).await.is_ok()
-                && tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut ack))
-                    .await
-                    .is_ok()
-                && ack == [0x20, 2, 0, 0]
-            {
-                let _ = stream.write_all(&[0xe0, 0]).await;
-                return Ok(());
-            }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -55,8 +55,8 @@ pub struct Gateway {
     pub mtls_addr: SocketAddr,
     pub password_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    /// The broker's loopback listener (refuses anything but the front).
-    pub internal_addr: SocketAddr,
+    /// The broker's loopback listeners (they refuse anything but the front).
+    pub internal_addrs: Vec<SocketAddr>,
     /// Cancelled if the embedded broker's router stops: the process should be restarted.
     pub broker_failed: CancellationToken,
     pub store: Arc<dyn Store>,
@@ -197,7 +197,7 @@ impl Gateway {
                 lifecycle: lifecycle.clone(),
                 admin: admin.clone(),
             }),
-            broker_addr: broker.internal_addr,
+            broker_addrs: broker.internal_addrs.clone(),
             broker_secret: broker.secret.clone(),
             handshake_timeout: Duration::from_millis(config.server.handshake_timeout_ms),
             connect_timeout: Duration::from_millis(config.server.connect_timeout_ms),
@@ -259,7 +259,7 @@ impl Gateway {
             mtls_addr,
             password_addr,
             metrics_addr,
-            internal_addr: broker.internal_addr,
+            internal_addrs: broker.internal_addrs.clone(),
             broker_failed: broker.failed.clone(),
             store,
             metrics,

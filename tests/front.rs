@@ -455,17 +455,34 @@ async fn mqtt5_is_refused_with_unacceptable_protocol_version() {
 
 #[tokio::test]
 async fn the_internal_listener_refuses_clients_that_bypass_the_front() {
-    let t = TestGateway::start().await;
-    let addr = t.gw.internal_addr;
-    assert!(
-        addr.ip().is_loopback(),
-        "the broker listens on loopback only"
-    );
-    for creds in [
+    let t = TestGateway::start_with(|c| c.broker.internal_listeners = 4).await;
+    assert_eq!(t.gw.internal_addrs.len(), 4);
+    // Devices still get through the front to any of them.
+    let mut admin = Client::connect(t.mtls_options("ops", &t.admin("ops")))
+        .await
+        .unwrap();
+    admin.subscribe("devices/#", QoS::AtMostOnce).await;
+    for id in ["multi-1", "multi-2", "multi-3", "multi-4"] {
+        assert_eq!(
+            t.enroll(id, json!({"request_id": "r"})).await["status"],
+            "accepted"
+        );
+        assert_eq!(
+            admin.recv_json(&format!("devices/{id}/config")).await["device_id"],
+            id
+        );
+    }
+    let attempts = [
         None,
         Some(("onboard-front", "guess")),
         Some(("admin", "admin")),
-    ] {
+        None,
+    ];
+    for (addr, creds) in t.gw.internal_addrs.iter().zip(attempts) {
+        assert!(
+            addr.ip().is_loopback(),
+            "the broker listens on loopback only"
+        );
         let mut o = rumqttc::MqttOptions::new("intruder", "127.0.0.1", addr.port());
         if let Some((u, p)) = creds {
             o.set_credentials(u, p);

@@ -64,8 +64,8 @@ pub struct Front {
     pub hooks: Arc<dyn FrontHooks>,
     /// Answers the bootstrap sessions the front serves itself.
     pub enroller: Arc<crate::enroll::Enroller>,
-    /// The broker's internal listener and the secret it accepts.
-    pub broker_addr: SocketAddr,
+    /// The broker's internal listeners and the secret they accept.
+    pub broker_addrs: Vec<SocketAddr>,
     pub broker_secret: Arc<str>,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -330,6 +330,17 @@ impl Front {
         let _ = tokio::time::timeout(Duration::from_secs(1), client_wr.shutdown()).await;
     }
 
+    /// The internal listener of a client id. rumqttd keeps a client id's session take-over and
+    /// will bookkeeping per listener, so every connection of one client id goes to the same
+    /// listener; different client ids spread over all of them.
+    fn broker_addr_for(&self, client_id: &str) -> SocketAddr {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        client_id.hash(&mut hasher);
+        let index = hasher.finish() % self.broker_addrs.len().max(1) as u64;
+        self.broker_addrs[index as usize]
+    }
+
     /// Connect to the internal listener, replay CONNECT with the secret, read its CONNACK.
     async fn open_broker(
         &self,
@@ -341,7 +352,7 @@ impl Front {
         let connect =
             codec::internal_connect(packet, crate::broker::INTERNAL_USER, &self.broker_secret)
                 .map_err(|e| (codec::connack::NOT_AUTHORIZED, e.to_string()))?;
-        let mut stream = TcpStream::connect(self.broker_addr)
+        let mut stream = TcpStream::connect(self.broker_addr_for(&packet.connect.client_id))
             .await
             .map_err(|e| unavailable(format!("internal broker: {e}")))?;
         let _ = stream.set_nodelay(true);
