@@ -107,13 +107,13 @@ impl TrustStore {
         None
     }
 
-    /// Full verification of a client chain; returns the role it grants.
-    pub(crate) fn verify(
+    /// Parse the leaf and pick the trust domain of its issuer: the first step of both
+    /// [`Self::verify`] (during the handshake) and [`Self::identify`] (after it).
+    fn classify<'a>(
         &self,
-        end_entity: &CertificateDer<'_>,
+        end_entity: &'a CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<Role, CertRefusal> {
+    ) -> Result<(X509Certificate<'a>, Option<String>, Role), CertRefusal> {
         let leaf = match x509_parser::parse_x509_certificate(end_entity.as_ref()) {
             Ok((_, leaf)) => leaf,
             Err(e) => {
@@ -126,12 +126,20 @@ impl TrustStore {
         };
         let cn = common_name(&leaf);
         let Some(role) = self.role_of(&leaf, intermediates) else {
-            return Err(refusal(
-                CertRefusalReason::UnknownCa,
-                cn,
-                format!("issuer {} is none of our CAs", leaf.issuer()),
-            ));
+            let detail = format!("issuer {} is none of our CAs", leaf.issuer());
+            return Err(refusal(CertRefusalReason::UnknownCa, cn, detail));
         };
+        Ok((leaf, cn, role))
+    }
+
+    /// Full verification of a client chain; returns the role it grants.
+    pub(crate) fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Role, CertRefusal> {
+        let (leaf, cn, role) = self.classify(end_entity, intermediates)?;
         let anchors = self.anchors.get(&role).map(Vec::as_slice).unwrap_or(&[]);
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
             refusal(
@@ -188,24 +196,7 @@ impl TrustStore {
                 "no client certificate".into(),
             ));
         };
-        let leaf = match x509_parser::parse_x509_certificate(end_entity.as_ref()) {
-            Ok((_, leaf)) => leaf,
-            Err(e) => {
-                return Err(refusal(
-                    CertRefusalReason::Malformed,
-                    None,
-                    format!("certificate does not parse: {e}"),
-                ))
-            }
-        };
-        let common_name = common_name(&leaf);
-        let Some(role) = self.role_of(&leaf, intermediates) else {
-            return Err(refusal(
-                CertRefusalReason::UnknownCa,
-                common_name,
-                format!("issuer {} is none of our CAs", leaf.issuer()),
-            ));
-        };
+        let (leaf, common_name, role) = self.classify(end_entity, intermediates)?;
         let mut alt_names = Vec::new();
         if let Ok(Some(san)) = leaf.subject_alternative_name() {
             for name in &san.value.general_names {
