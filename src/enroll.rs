@@ -25,7 +25,7 @@ use crate::config::{EnrollmentConfig, EnrollmentMode, ReenrollPolicy};
 use crate::front::session::Sessions;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::pki::{CsrError, Pki, Role};
+use crate::pki::{CsrError, Pki};
 use crate::store::{
     AuditEvent, Credential, CredentialKind, DeviceState, EnrollmentCommit, Store, StoreError,
 };
@@ -612,10 +612,7 @@ impl Enroller {
         let response = answer(credential_json);
         let stored_response = answer(redacted_json);
 
-        let factory_serial = self
-            .sessions
-            .serial_of(device_id, Role::Bootstrap)
-            .or_else(|| self.sessions.take_factory_serial(device_id));
+        let factory_serial = self.sessions.take_factory_serial(device_id);
         let mut events = Vec::new();
         if let Some(previous) = reenrolled_from {
             events.push(

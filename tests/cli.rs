@@ -118,6 +118,24 @@ async fn devices_and_audit_read_the_inventory() {
     .await
     .unwrap();
     assert!(ok && out.contains("0 device(s)"), "{out}");
+    // Certificates are issued for 365 days: none expire within 30, all within 400.
+    let dir = t.dir.path().to_path_buf();
+    let (ok, out, _) = tokio::task::spawn_blocking(move || {
+        onboard(&dir, &["devices", "list", "--expiring", "30d"])
+    })
+    .await
+    .unwrap();
+    assert!(ok && out.contains("0 device(s)"), "{out}");
+    let dir = t.dir.path().to_path_buf();
+    let (ok, out, _) = tokio::task::spawn_blocking(move || {
+        onboard(&dir, &["devices", "list", "--expiring", "400d"])
+    })
+    .await
+    .unwrap();
+    assert!(
+        ok && out.contains("cli-1") && out.contains("1 device(s)"),
+        "{out}"
+    );
     let dir = t.dir.path().to_path_buf();
     let (ok, out, _) =
         tokio::task::spawn_blocking(move || onboard(&dir, &["devices", "show", "cli-1"]))

@@ -511,3 +511,87 @@ async fn reenrollment_can_be_denied() {
     assert_eq!(again["error"]["code"], "already_enrolled", "{again}");
     assert_eq!(t.gw.store.credentials_of("deny-1").await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn several_factory_cas_and_device_ids_in_a_san() {
+    // A second device maker's CA, added to [pki] factory_cas.
+    let mut t = TestGateway::start().await;
+    let maker_b = onboard::pki::Issuer::generate_ca("maker B factory CA").unwrap();
+    maker_b.write(&t.config.pki.dir, "maker-b-ca").unwrap();
+    t.config.pki.factory_cas.push("maker-b-ca.pem".into());
+    let t = t.restart().await;
+    let cert = maker_b
+        .issue_client("b-0001", &onboard::pki::CertOptions::valid_for_days(30))
+        .unwrap();
+    let mut c = Client::connect(t.mtls_options("b-0001", &cert))
+        .await
+        .expect("maker B device connects");
+    let resp = c
+        .request_enroll("b-0001", &json!({"request_id": "r"}))
+        .await;
+    assert_eq!(resp["status"], "accepted", "{resp}");
+    c.disconnect().await;
+    // The first maker's devices still enroll.
+    assert_eq!(
+        t.enroll("a-0001", json!({"request_id": "r"})).await["status"],
+        "accepted"
+    );
+
+    // The device id may be a SAN of the factory certificate rather than its CN.
+    let options = onboard::pki::CertOptions {
+        dns_names: vec!["san-0001".into()],
+        ..onboard::pki::CertOptions::valid_for_days(30)
+    };
+    let san_cert = t.factory_with("serial-number-123", &options);
+    let mut c = Client::connect(t.mtls_options("san-0001", &san_cert))
+        .await
+        .expect("SAN id accepted");
+    let resp = c
+        .request_enroll("san-0001", &json!({"request_id": "r"}))
+        .await;
+    assert_eq!(resp["device_id"], "san-0001", "{resp}");
+    c.disconnect().await;
+    // Any other client id is refused.
+    let refused = Client::connect(t.mtls_options("san-0002", &san_cert)).await;
+    assert_eq!(
+        refused.err(),
+        Some(ConnectFailure::Refused(
+            rumqttc::ConnectReturnCode::NotAuthorized
+        ))
+    );
+}
+
+#[tokio::test]
+async fn over_the_rate_limit_requests_are_told_when_to_retry() {
+    let t = TestGateway::start_with(|c| c.enrollment.max_requests_per_sec = 1).await;
+    let id = "rate-01";
+    let factory = t.factory(id);
+    let mut c = Client::connect(t.mtls_options(id, &factory)).await.unwrap();
+    // A second's worth of burst, then the limit.
+    let mut codes = Vec::new();
+    for i in 0..3 {
+        let resp = c
+            .request_enroll(id, &json!({"request_id": format!("r{i}")}))
+            .await;
+        codes.push(resp);
+    }
+    let limited = codes
+        .iter()
+        .find(|r| r["error"]["code"] == "rate_limited")
+        .unwrap_or_else(|| panic!("no rate_limited answer in {codes:?}"));
+    assert!(
+        limited["error"]["retry_after_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 0),
+        "{limited}"
+    );
+    assert!(
+        t.metric(r#"onboard_enrollment_requests_total{reason="rate_limited",result="rejected"}"#)
+            .await
+            >= 1.0
+    );
+    // Only admitted requests issued anything; the limited ones issued nothing.
+    let accepted = codes.iter().filter(|r| r["status"] == "accepted").count();
+    assert!(accepted >= 1, "{codes:?}");
+    assert_eq!(t.gw.store.credentials_of(id).await.unwrap().len(), accepted);
+}

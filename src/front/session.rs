@@ -96,16 +96,6 @@ impl Sessions {
             .unwrap_or(0)
     }
 
-    /// Serial of the certificate of an open session of `key` in `role`.
-    pub fn serial_of(&self, key: &str, role: Role) -> Option<String> {
-        self.by_id
-            .get(key)?
-            .iter()
-            .rev()
-            .find(|e| e.role == role)
-            .map(|e| e.serial.clone())
-    }
-
     /// The factory certificate serial `key` last bootstrapped with (and forget it).
     pub fn take_factory_serial(&self, key: &str) -> Option<String> {
         self.factory_serials.remove(key).map(|(_, serial)| serial)
@@ -128,10 +118,6 @@ mod tests {
         let kill = CancellationToken::new();
         let guard = sessions.register("d1", Role::Device, "aa", kill.clone());
         assert!(sessions.is_connected("d1", Role::Device));
-        assert_eq!(
-            sessions.serial_of("d1", Role::Device).as_deref(),
-            Some("aa")
-        );
         assert_eq!(sessions.disconnect_serial("d1", "bb"), 0);
         assert!(!kill.is_cancelled());
         assert_eq!(sessions.disconnect("d1"), 1);
