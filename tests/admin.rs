@@ -31,6 +31,19 @@ async fn active_device(t: &TestGateway, id: &str) -> (Client, CertAndKey) {
     (device, cred)
 }
 
+/// Wait until the device's ack of configuration `version` is recorded as applied.
+async fn wait_applied(t: &TestGateway, id: &str, version: i64) {
+    eventually(&format!("v{version} applied"), || async {
+        t.gw.store
+            .config_version(id, version)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|c| c.applied_at.is_some())
+    })
+    .await;
+}
+
 /// An admin connection subscribed to every response.
 async fn admin(t: &TestGateway, name: &str) -> Client {
     let mut a = Client::connect(t.mtls_options(name, &t.admin(name)))
@@ -157,15 +170,7 @@ async fn config_command_validation_idempotency_audit_and_metrics() {
             r#"{"version":2,"status":"applied"}"#,
         )
         .await;
-    eventually("v2 applied", || async {
-        t.gw.store
-            .config_version(id, 2)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|c| c.applied_at.is_some())
-    })
-    .await;
+    wait_applied(&t, id, 2).await;
 
     // Validation errors.
     let bad = command(
@@ -263,15 +268,7 @@ async fn config_rollbacks_automatic_and_by_admin() {
             r#"{"version":1,"status":"applied"}"#,
         )
         .await;
-    eventually("v1 applied", || async {
-        t.gw.store
-            .config_version(id, 1)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|c| c.applied_at.is_some())
-    })
-    .await;
+    wait_applied(&t, id, 1).await;
     let v1 = t.gw.store.config_version(id, 1).await.unwrap().unwrap();
 
     let mut ops = admin(&t, "ops").await;
