@@ -28,6 +28,7 @@ pub struct Config {
     pub enrollment: EnrollmentConfig,
     pub store: StoreConfig,
     pub lifecycle: LifecycleConfig,
+    pub limits: LimitsConfig,
 }
 
 /// Listeners that devices, admins and operators reach.
@@ -140,6 +141,29 @@ pub struct LifecycleConfig {
     pub renewal_grace_secs: u64,
     /// How often deadlines (activation, renewal grace) are checked.
     pub sweep_interval_ms: u64,
+}
+
+/// What one client may cost the gateway: every per-session queue and buffer is bounded here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest retained message a device may publish (only on `devices/D/state`).
+    pub max_retained_bytes: usize,
+    /// QoS 1 messages kept for one session (persistent sessions while offline, or a client
+    /// that reads slower than it is sent to); past it the oldest is dropped and counted.
+    pub max_queued_per_device: usize,
+    /// A client whose socket accepts nothing for this long is disconnected (it stopped reading).
+    pub write_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_retained_bytes: 16 * 1024,
+            max_queued_per_device: 100,
+            write_timeout_ms: 10_000,
+        }
+    }
 }
 
 impl Default for ServerConfig {

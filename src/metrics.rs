@@ -50,6 +50,10 @@ pub struct Metrics {
     pub certificates_expiring: IntGauge,
     /// `result` = ok | error; admin commands answered.
     pub admin_commands: IntCounterVec,
+    /// QoS 1 messages dropped from a full session queue (the oldest goes).
+    pub session_queue_dropped: IntCounter,
+    /// Clients disconnected because they stopped reading what they were sent.
+    pub slow_client_disconnects: IntCounter,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -205,6 +209,16 @@ impl Metrics {
                 "onboard_admin_commands_total",
                 "Admin commands answered, by command and result",
                 &["command", "result"],
+            ),
+            session_queue_dropped: counter(
+                r,
+                "onboard_session_queue_dropped_total",
+                "QoS 1 messages dropped because a session's queue was full (oldest first)",
+            ),
+            slow_client_disconnects: counter(
+                r,
+                "onboard_slow_client_disconnects_total",
+                "Clients disconnected because they stopped reading",
             ),
             registry,
         };
