@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::broker::BrokerLink;
+use crate::bus::Bus;
 use crate::metrics::Metrics;
 use crate::store::{AuditEvent, Store};
 
@@ -18,12 +18,12 @@ const QUEUE: usize = 10_000;
 #[derive(Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<AuditEvent>,
-    link: BrokerLink,
+    link: Bus,
     metrics: Arc<Metrics>,
 }
 
 impl Auditor {
-    pub fn start(store: Arc<dyn Store>, link: BrokerLink, metrics: Arc<Metrics>) -> Auditor {
+    pub fn start(store: Arc<dyn Store>, link: Bus, metrics: Arc<Metrics>) -> Auditor {
         let (tx, mut rx) = mpsc::channel::<AuditEvent>(QUEUE);
         let writer_metrics = metrics.clone();
         tokio::spawn(async move {

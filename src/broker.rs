@@ -1,13 +1,18 @@
-//! The embedded rumqttd broker.
+//! The embedded rumqttd broker: the fan-out engine.
 //!
-//! rumqttd has no hook that sees a client certificate and no per-topic authorization, so it is
-//! never exposed: it listens on loopback only, and its authentication hook accepts nothing but
-//! the per-process secret that the [front](crate::front) presents after it has authenticated a
-//! client itself. A client that reaches the internal port directly cannot know the secret.
+//! Devices never talk to it directly: the [front](crate::front) serves their sessions and
+//! hands it what they publish (telemetry, events, state, acks) through one in-process link,
+//! [`Fanout`], so that admins and back-ends subscribed with wildcards get it. Admin connections
+//! are relayed to its internal listener, on loopback only, whose authentication hook accepts
+//! nothing but the per-process secret that the front presents after it has authenticated the
+//! admin itself. A client that reaches the internal port directly cannot know the secret.
 //!
-//! The gateway talks to the broker through one local link (no socket): [`BrokerLink`] publishes
-//! responses and retained configuration, and [`Inbox`] receives what devices publish on the
-//! topics the gateway serves (enrollment requests, config acks, firmware status, renewals).
+//! Its router compares every new topic with every filter, and every new filter with every
+//! topic seen: so only admins' and back-ends' filters are ever registered with it, and it
+//! keeps no per-device retained message but a device's own `devices/D/state`.
+//!
+//! The gateway publishes through [`BrokerLink`] (admin replies, audit events, copies of device
+//! configurations for observers), another local link.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
@@ -23,17 +28,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerConfig, ServerConfig};
 
-/// Topics the gateway's link subscribes to. The front guarantees that only device `D` can
-/// publish under `enroll/D/` and `devices/D/`, so the topic names the sender.
-pub const GATEWAY_SUBSCRIPTIONS: &[&str] = &[
-    "enroll/+/request",
-    "devices/+/config/ack",
-    "devices/+/firmware/status",
-    "devices/+/cert/renew",
-];
-
 /// Username the front presents to the internal listener.
 pub const INTERNAL_USER: &str = "onboard-front";
+
+/// Client ids of the gateway's own links into the router; no client may use them.
+pub const RESERVED_CLIENT_IDS: &[&str] = &["onboard-gateway", "onboard-fanout"];
+
+/// Connections the router holds: admins and back-ends only (devices never reach it). Its
+/// tables are allocated up front for this many.
+const ROUTER_CONNECTIONS: usize = 1024;
+
+/// Device publishes waiting for the router; a full queue makes the publishing connections wait.
+const FANOUT_QUEUE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -48,59 +54,36 @@ pub enum BrokerError {
     NotListening(SocketAddr),
 }
 
-/// A message a device published on one of [`GATEWAY_SUBSCRIPTIONS`].
-#[derive(Debug, Clone)]
-pub struct Inbound {
-    pub topic: String,
-    pub payload: Bytes,
-}
-
-/// A publish the gateway asks the broker to route.
-#[derive(Debug)]
-enum Outbound {
-    Publish(Publish),
-}
-
 /// Handle to publish through the broker. Cheap to clone; never blocks the caller: publishes are
 /// queued to a thread that owns the link (the router's channel is bounded and may block).
 #[derive(Clone)]
 pub struct BrokerLink {
-    tx: mpsc::UnboundedSender<Outbound>,
+    tx: mpsc::UnboundedSender<Publish>,
 }
 
 impl BrokerLink {
-    /// QoS 0, not retained (responses, events).
-    pub fn publish(&self, topic: &str, payload: impl Into<Bytes>) {
-        self.send(topic, payload.into(), false);
-    }
-
-    /// Retained (configuration, firmware jobs). Local links publish at QoS 0; rumqttd delivers
-    /// at the subscription's QoS, so a device subscribed at QoS 1 receives it at QoS 1.
-    pub fn publish_retained(&self, topic: &str, payload: impl Into<Bytes>) {
-        self.send(topic, payload.into(), true);
-    }
-
-    /// Remove the retained message of `topic` (an empty retained publish).
-    pub fn clear_retained(&self, topic: &str) {
-        self.send(topic, Bytes::new(), true);
-    }
-
-    fn send(&self, topic: &str, payload: Bytes, retain: bool) {
+    /// Local links publish at QoS 0; rumqttd delivers at the subscription's QoS.
+    pub fn publish(&self, topic: &str, payload: Bytes, retain: bool) {
         let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain);
-        if self.tx.send(Outbound::Publish(publish)).is_err() {
+        if self.tx.send(publish).is_err() {
             tracing::error!(topic, "broker link is closed; publish dropped");
         }
     }
 }
 
-/// Messages devices published on the gateway's topics.
-pub struct Inbox {
-    rx: mpsc::Receiver<Inbound>,
+/// What devices publish, on its way to the router's subscribers. Bounded: a publisher that
+/// outruns the router waits (and so stops reading from its socket).
+#[derive(Clone)]
+pub struct Fanout {
+    tx: mpsc::Sender<Publish>,
 }
 
-impl Inbox {
-    pub async fn recv(&mut self) -> Option<Inbound> {
-        self.rx.recv().await
+impl Fanout {
+    pub async fn publish(&self, topic: &str, payload: Bytes, retain: bool) {
+        let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain);
+        if self.tx.send(publish).await.is_err() {
+            tracing::error!(topic, "fan-out link is closed; publish dropped");
+        }
     }
 }
 
@@ -111,6 +94,7 @@ pub struct Broker {
     /// Password the front presents; random per process.
     pub secret: Arc<str>,
     pub link: BrokerLink,
+    pub fanout: Fanout,
     /// Cancelled when the broker's router is gone (it panicked): nothing can be routed any more
     /// and the process should be restarted.
     pub failed: CancellationToken,
@@ -122,7 +106,7 @@ impl Broker {
     pub async fn start(
         broker: &BrokerConfig,
         server: &ServerConfig,
-    ) -> Result<(Broker, Inbox), BrokerError> {
+    ) -> Result<Broker, BrokerError> {
         let internal_addrs = (0..broker.internal_listeners)
             .map(|i| match broker.internal_listen.port() {
                 0 => free_loopback_port(broker.internal_listen),
@@ -174,7 +158,7 @@ impl Broker {
         let config = rumqttd::Config {
             id: 0,
             router: RouterConfig {
-                max_connections: server.max_connections + 16,
+                max_connections: ROUTER_CONNECTIONS.min(server.max_connections + 16),
                 max_outgoing_packet_count: broker.max_outgoing_packets,
                 max_segment_size: 10 * 1024 * 1024,
                 max_segment_count: 10,
@@ -187,14 +171,12 @@ impl Broker {
         };
 
         let mut rumqttd = rumqttd::Broker::new(config);
-        let (mut link_tx, link_rx) = rumqttd
-            .link("onboard-gateway")
+        let (link_tx, link_rx) = rumqttd
+            .link(RESERVED_CLIENT_IDS[0])
             .map_err(|e| BrokerError::Link(e.to_string()))?;
-        for filter in GATEWAY_SUBSCRIPTIONS {
-            link_tx
-                .subscribe(*filter)
-                .map_err(|e| BrokerError::Link(e.to_string()))?;
-        }
+        let (fanout_tx, fanout_rx) = rumqttd
+            .link(RESERVED_CLIENT_IDS[1])
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -204,29 +186,32 @@ impl Broker {
             })
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("broker-link-tx".into())
-            .spawn(move || run_publisher(link_tx, out_rx))
+            .spawn(move || run_publisher(link_tx, move || out_rx.blocking_recv()))
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+        let (device_tx, mut device_rx) = mpsc::channel(FANOUT_QUEUE);
+        std::thread::Builder::new()
+            .name("broker-fanout".into())
+            .spawn(move || run_publisher(fanout_tx, move || device_rx.blocking_recv()))
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
-        let (in_tx, in_rx) = mpsc::channel(4096);
         let failed = CancellationToken::new();
-        tokio::spawn(run_receiver(link_rx, in_tx, failed.clone()));
+        tokio::spawn(run_receiver(link_rx, failed.clone()));
+        tokio::spawn(run_receiver(fanout_rx, failed.clone()));
 
         for addr in &internal_addrs {
             wait_listening(*addr).await?;
         }
         tracing::info!(internal = ?internal_addrs, "embedded broker listening (loopback, front only)");
-        Ok((
-            Broker {
-                internal_addrs,
-                secret,
-                link: BrokerLink { tx: out_tx },
-                failed,
-            },
-            Inbox { rx: in_rx },
-        ))
+        Ok(Broker {
+            internal_addrs,
+            secret,
+            link: BrokerLink { tx: out_tx },
+            fanout: Fanout { tx: device_tx },
+            failed,
+        })
     }
 }
 
@@ -270,7 +255,8 @@ async fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
     Err(BrokerError::NotListening(addr))
 }
 
-fn run_publisher(mut link_tx: LinkTx, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+/// Owns one link: hands the router every publish `next` yields, until it yields none.
+fn run_publisher(mut link_tx: LinkTx, mut next: impl FnMut() -> Option<Publish>) {
     let runtime = match tokio::runtime::Builder::new_current_thread().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -278,7 +264,7 @@ fn run_publisher(mut link_tx: LinkTx, mut rx: mpsc::UnboundedReceiver<Outbound>)
             return;
         }
     };
-    while let Some(Outbound::Publish(publish)) = rx.blocking_recv() {
+    while let Some(publish) = next() {
         if let Err(e) = runtime.block_on(link_tx.send(Packet::Publish(publish, None))) {
             tracing::error!(error = %e, "broker link closed");
             return;
@@ -286,40 +272,19 @@ fn run_publisher(mut link_tx: LinkTx, mut rx: mpsc::UnboundedReceiver<Outbound>)
     }
 }
 
-async fn run_receiver(link_rx: LinkRx, tx: mpsc::Sender<Inbound>, failed: CancellationToken) {
-    receive(link_rx, tx).await;
-    // The link ends only when the router is gone (the gateway never drops its receiver while
-    // running): nothing can be routed any more.
-    tracing::error!("embedded broker's router stopped; the gateway cannot route messages");
-    failed.cancel();
-}
-
-async fn receive(mut link_rx: LinkRx, tx: mpsc::Sender<Inbound>) {
+async fn run_receiver(mut link_rx: LinkRx, failed: CancellationToken) {
+    // The gateway's links subscribe to nothing: they end only when the router is gone.
     loop {
         match link_rx.next().await {
-            Ok(Some(Notification::Forward(forward))) => {
-                let Ok(topic) = std::str::from_utf8(&forward.publish.topic) else {
-                    continue;
-                };
-                let inbound = Inbound {
-                    topic: topic.to_owned(),
-                    payload: forward.publish.payload,
-                };
-                if tx.send(inbound).await.is_err() {
-                    return;
-                }
-            }
             Ok(Some(Notification::Unschedule)) => {
-                if let Err(e) = link_rx.wake().await {
-                    tracing::error!(error = %e, "broker link closed");
-                    return;
+                if link_rx.wake().await.is_err() {
+                    break;
                 }
             }
-            Ok(Some(_)) | Ok(None) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "broker link closed");
-                return;
-            }
+            Ok(_) => {}
+            Err(_) => break,
         }
     }
+    tracing::error!("embedded broker's router stopped; the gateway cannot route messages");
+    failed.cancel();
 }

@@ -20,7 +20,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::audit::Auditor;
-use crate::broker::BrokerLink;
+use crate::bus::Bus;
 use crate::config::{EnrollmentConfig, EnrollmentMode, ReenrollPolicy};
 use crate::front::session::Sessions;
 use crate::lifecycle::Lifecycle;
@@ -335,7 +335,7 @@ pub struct Enroller {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub audit: Auditor,
-    pub link: BrokerLink,
+    pub link: Bus,
     pub sessions: Arc<Sessions>,
     pub lifecycle: Arc<Lifecycle>,
     pub templates: Templates,
@@ -355,7 +355,7 @@ impl Enroller {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         audit: Auditor,
-        link: BrokerLink,
+        link: Bus,
         sessions: Arc<Sessions>,
         lifecycle: Arc<Lifecycle>,
         templates: Templates,

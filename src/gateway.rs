@@ -15,20 +15,28 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::audit::Auditor;
-use crate::broker::{Broker, Inbox};
+use crate::broker::Broker;
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::enroll::Enroller;
 use crate::front::identity::{Authenticator, Listener};
 use crate::front::session::Sessions;
-use crate::front::{Front, FrontHooks};
+use crate::front::{Front, FrontHooks, Inbound};
 use crate::lifecycle::Lifecycle;
+use crate::mailbox::{self, Mailboxes};
 use crate::metrics::{self, Metrics};
 use crate::pki::Pki;
 use crate::store::{self, Store};
 use crate::templates::Templates;
+use crate::topics::{self, ForGateway};
 
 /// Enrollment requests processed at once; more wait their turn.
 const ENROLL_CONCURRENCY: usize = 256;
+/// Messages for the gateway (enrollment requests, acks, renewals) waiting to be handled; a
+/// full inbox makes the publishing connections wait.
+const INBOX: usize = 4096;
+/// File descriptors kept for everything but client connections (store, listeners, logs).
+const RESERVED_FDS: u64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -137,14 +145,22 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
 
-        let (broker, inbox) = Broker::start(&config.broker, &config.server).await?;
+        let broker = Broker::start(&config.broker, &config.server).await?;
         let sessions = Arc::new(Sessions::default());
-        let audit = Auditor::start(store.clone(), broker.link.clone(), metrics.clone());
+        let mailboxes = Arc::new(Mailboxes::new(
+            mailbox::Limits {
+                queued: config.limits.max_queued_per_device.max(1),
+                inflight: config.broker.max_inflight.max(1),
+            },
+            metrics.session_queue_dropped.clone(),
+        ));
+        let bus = Bus::new(mailboxes.clone(), broker.link.clone());
+        let audit = Auditor::start(store.clone(), bus.clone(), metrics.clone());
         let lifecycle = Arc::new(Lifecycle::new(
             store.clone(),
             metrics.clone(),
             audit.clone(),
-            broker.link.clone(),
+            bus.clone(),
             sessions.clone(),
             Duration::from_secs(config.enrollment.activation_timeout_secs),
             Duration::from_millis(config.lifecycle.sweep_interval_ms.max(10)),
@@ -155,7 +171,7 @@ impl Gateway {
             store.clone(),
             metrics.clone(),
             audit.clone(),
-            broker.link.clone(),
+            bus.clone(),
             sessions.clone(),
             config.lifecycle.clone(),
         ));
@@ -164,7 +180,7 @@ impl Gateway {
             store.clone(),
             metrics.clone(),
             audit.clone(),
-            broker.link.clone(),
+            bus.clone(),
             sessions.clone(),
             lifecycle.clone(),
             templates,
@@ -181,6 +197,7 @@ impl Gateway {
         );
         metrics.refresh_device_gauge(store.as_ref()).await;
 
+        let (inbox_tx, inbox) = tokio::sync::mpsc::channel(INBOX);
         let front = Arc::new(Front {
             pki: pki.clone(),
             auth: Authenticator {
@@ -192,7 +209,9 @@ impl Gateway {
             metrics: metrics.clone(),
             audit: audit.clone(),
             sessions: sessions.clone(),
-            enroller: enroller.clone(),
+            mailboxes: mailboxes.clone(),
+            fanout: broker.fanout.clone(),
+            inbox: inbox_tx,
             hooks: Arc::new(Hooks {
                 lifecycle: lifecycle.clone(),
                 admin: admin.clone(),
@@ -201,8 +220,12 @@ impl Gateway {
             broker_secret: broker.secret.clone(),
             handshake_timeout: Duration::from_millis(config.server.handshake_timeout_ms),
             connect_timeout: Duration::from_millis(config.server.connect_timeout_ms),
+            write_timeout: Duration::from_millis(config.limits.write_timeout_ms.max(1)),
             max_packet: config.broker.max_payload_size,
-            connection_slots: Arc::new(Semaphore::new(config.server.max_connections)),
+            max_retained: config.limits.max_retained_bytes,
+            connection_slots: Arc::new(Semaphore::new(connection_limit(
+                config.server.max_connections,
+            ))),
         });
 
         let mtls = bind("mTLS listener", config.server.mtls_listen).await?;
@@ -287,10 +310,10 @@ impl Gateway {
     }
 }
 
-/// Route what devices publish on the gateway's topics. The topic's device id is authenticated:
+/// Route what clients publish for the gateway. The topic's device id is authenticated:
 /// the front lets only device D publish under `enroll/D/` and `devices/D/`.
 async fn dispatch(
-    mut inbox: Inbox,
+    mut inbox: tokio::sync::mpsc::Receiver<Inbound>,
     enroller: Arc<Enroller>,
     admin: Arc<Admin>,
     shutdown: CancellationToken,
@@ -301,39 +324,55 @@ async fn dispatch(
             _ = shutdown.cancelled() => return,
             m = inbox.recv() => match m { Some(m) => m, None => return },
         };
-        let mut levels = message.topic.splitn(3, '/');
-        let (Some(root), Some(device_id), Some(rest)) =
-            (levels.next(), levels.next(), levels.next())
-        else {
+        let Some(target) = topics::for_gateway(&message.topic) else {
             continue;
         };
-        let device_id = device_id.to_owned();
-        match (root, rest) {
-            ("enroll", "request") => {
+        let admin = admin.clone();
+        match target {
+            ForGateway::EnrollRequest(id) => {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     return;
                 };
-                let enroller = enroller.clone();
+                let (enroller, id) = (enroller.clone(), id.to_owned());
                 tokio::spawn(async move {
-                    enroller.handle(&device_id, &message.payload).await;
+                    enroller.handle(&id, &message.payload).await;
                     drop(permit);
                 });
             }
-            ("devices", "config/ack") => {
-                let admin = admin.clone();
-                tokio::spawn(async move { admin.config_ack(&device_id, &message.payload).await });
+            ForGateway::ConfigAck(id) => {
+                let id = id.to_owned();
+                tokio::spawn(async move { admin.config_ack(&id, &message.payload).await });
             }
-            ("devices", "firmware/status") => {
-                let admin = admin.clone();
-                tokio::spawn(
-                    async move { admin.firmware_status(&device_id, &message.payload).await },
-                );
+            ForGateway::FirmwareStatus(id) => {
+                let id = id.to_owned();
+                tokio::spawn(async move { admin.firmware_status(&id, &message.payload).await });
             }
-            ("devices", "cert/renew") => {
-                let admin = admin.clone();
-                tokio::spawn(async move { admin.renew(&device_id, &message.payload).await });
+            ForGateway::CertRenew(id) => {
+                let id = id.to_owned();
+                tokio::spawn(async move { admin.renew(&id, &message.payload).await });
             }
-            _ => {}
         }
     }
+}
+
+/// Client connections this process can hold: `configured`, or fewer when the descriptor
+/// limit would run out first (then a client past it would hang in the accept backlog instead
+/// of being refused). Raises the soft descriptor limit to the hard one first.
+fn connection_limit(configured: usize) -> usize {
+    let available = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit.saturating_sub(RESERVED_FDS),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the file descriptor limit");
+            return configured;
+        }
+    };
+    let available = usize::try_from(available).unwrap_or(usize::MAX);
+    if available < configured {
+        tracing::warn!(
+            configured,
+            available,
+            "server.max_connections lowered to what the file descriptor limit allows (one per connection)"
+        );
+    }
+    configured.min(available)
 }

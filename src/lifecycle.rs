@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::Auditor;
-use crate::broker::BrokerLink;
+use crate::bus::Bus;
 use crate::front::session::Sessions;
 use crate::metrics::Metrics;
 use crate::store::{AuditEvent, Store, StoreError};
@@ -38,7 +38,7 @@ pub struct Lifecycle {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub audit: Auditor,
-    pub link: BrokerLink,
+    pub link: Bus,
     pub sessions: Arc<Sessions>,
     /// Enrollment's activation window, to tell issue time after a restart.
     activation_timeout: Duration,
@@ -56,7 +56,7 @@ impl Lifecycle {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         audit: Auditor,
-        link: BrokerLink,
+        link: Bus,
         sessions: Arc<Sessions>,
         activation_timeout: Duration,
         sweep_interval: Duration,

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::audit::Auditor;
-use crate::broker::BrokerLink;
+use crate::bus::Bus;
 use crate::config::LifecycleConfig;
 use crate::front::session::Sessions;
 use crate::metrics::Metrics;
@@ -239,7 +239,7 @@ pub struct Admin {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub audit: Auditor,
-    pub link: BrokerLink,
+    pub link: Bus,
     pub sessions: Arc<Sessions>,
     pub config: LifecycleConfig,
     /// Admin commands run one at a time: a replayed `request_id` then always finds the reply
@@ -260,7 +260,7 @@ impl Admin {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         audit: Auditor,
-        link: BrokerLink,
+        link: Bus,
         sessions: Arc<Sessions>,
         config: LifecycleConfig,
     ) -> Admin {

@@ -134,6 +134,41 @@ pub fn publish_topic<'a>(
     Ok((topic, at))
 }
 
+/// A PUBLISH frame, read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishView<'a> {
+    pub topic: &'a str,
+    pub qos: u8,
+    pub retain: bool,
+    /// Present for QoS 1 and 2.
+    pub pkid: Option<u16>,
+    pub payload: &'a [u8],
+}
+
+/// Read a PUBLISH frame (QoS 3 and a zero packet id are malformed).
+pub fn parse_publish<'a>(bytes: &'a [u8], frame: &Frame) -> Result<PublishView<'a>, CodecError> {
+    const ERR: CodecError = CodecError::Malformed("PUBLISH");
+    let qos = (frame.header >> 1) & 0b11;
+    if qos == 3 {
+        return Err(ERR);
+    }
+    let (topic, payload_at) = publish_topic(bytes, frame)?;
+    let pkid = match qos {
+        0 => None,
+        _ => match packet_id(bytes, payload_at - 2) {
+            Some(0) | None => return Err(ERR),
+            id => id,
+        },
+    };
+    Ok(PublishView {
+        topic,
+        qos,
+        retain: frame.header & 1 == 1,
+        pkid,
+        payload: bytes.get(payload_at..frame.len).ok_or(ERR)?,
+    })
+}
+
 /// A parsed CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectPacket {
@@ -199,6 +234,16 @@ pub fn internal_connect(
 /// A CONNACK with `code` (session present 0).
 pub fn connack(code: u8) -> [u8; 4] {
     [kind::CONNACK << 4, 2, 0, code]
+}
+
+/// A CONNACK accepting the connection, saying whether a stored session was resumed.
+pub fn connack_accepted(session_present: bool) -> [u8; 4] {
+    [
+        kind::CONNACK << 4,
+        2,
+        u8::from(session_present),
+        connack::ACCEPTED,
+    ]
 }
 
 /// Return code of a CONNACK frame.
@@ -280,17 +325,76 @@ pub fn parse_suback<'a>(bytes: &'a [u8], frame: &Frame) -> Result<(u16, &'a [u8]
 
 /// A PUBLISH (not retained, not a duplicate); `pkid` is used for QoS > 0.
 pub fn publish(topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::new();
+    put_publish(
+        &mut out,
+        topic,
+        payload,
+        PublishFlags {
+            qos,
+            retain: false,
+            dup: false,
+        },
+        pkid,
+    );
+    out.freeze()
+}
+
+/// Fixed-header flags of a PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishFlags {
+    pub qos: u8,
+    pub retain: bool,
+    pub dup: bool,
+}
+
+/// Append a PUBLISH to `out`; `pkid` is used for QoS > 0.
+pub fn put_publish(
+    out: &mut BytesMut,
+    topic: &str,
+    payload: &[u8],
+    flags: PublishFlags,
+    pkid: u16,
+) {
+    let qos = flags.qos.min(2);
     let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
-    let mut out = BytesMut::with_capacity(len + 5);
-    out.put_u8((kind::PUBLISH << 4) | (qos.min(2) << 1));
-    put_remaining_length(&mut out, len);
+    out.reserve(len + 5);
+    out.put_u8(
+        (kind::PUBLISH << 4)
+            | (u8::from(flags.dup && qos > 0) << 3)
+            | (qos << 1)
+            | u8::from(flags.retain),
+    );
+    put_remaining_length(out, len);
     out.put_u16(topic.len() as u16);
     out.put_slice(topic.as_bytes());
     if qos > 0 {
         out.put_u16(pkid);
     }
     out.put_slice(payload);
-    out.freeze()
+}
+
+/// Packet id and topic filters of an UNSUBSCRIBE frame.
+pub fn parse_unsubscribe<'a>(
+    bytes: &'a [u8],
+    frame: &Frame,
+) -> Result<(u16, Vec<&'a str>), CodecError> {
+    const ERR: CodecError = CodecError::Malformed("UNSUBSCRIBE");
+    if frame.header != 0xa2 {
+        return Err(ERR);
+    }
+    let pkid = packet_id(bytes, frame.header_len).ok_or(ERR)?;
+    let mut at = frame.header_len + 2;
+    let mut filters = Vec::new();
+    while at < frame.len {
+        let (filter, next) = read_str(bytes, at).ok_or(ERR)?;
+        filters.push(filter);
+        at = next;
+    }
+    if filters.is_empty() || at != frame.len {
+        return Err(ERR);
+    }
+    Ok((pkid, filters))
 }
 
 /// Packet identifier of a PUBLISH with QoS > 0, or of an acknowledgement / UNSUBSCRIBE.
