@@ -322,6 +322,13 @@ impl RateLimit {
     }
 }
 
+/// Whether an accepted answer holds a secret the store does not keep (a generated private
+/// key or a password).
+fn carries_secret(response: &Value) -> bool {
+    let credential = &response["credential"];
+    credential.get("private_key_pem").is_some() || credential.get("password").is_some()
+}
+
 /// A complete answer kept in memory for retries: generated secrets are in it (the store only
 /// has the answer without them).
 struct Answered {
@@ -343,7 +350,9 @@ pub struct Enroller {
     /// One enrollment at a time per device (across instances the store's generation guard
     /// decides).
     locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
-    /// Full answers by (device, request id), kept for the activation window.
+    /// Answers that carry a generated secret (which the store never holds), by (device,
+    /// request id), kept until the device activates or the activation window ends. Answers
+    /// without one are replayed from the store.
     answered: DashMap<(String, String), Answered>,
     rate: RateLimit,
 }
@@ -382,10 +391,12 @@ impl Enroller {
         Duration::from_secs(self.config.activation_timeout_secs)
     }
 
-    /// Drop remembered answers older than the activation window.
+    /// Drop remembered answers older than the activation window, or whose device activated
+    /// (it holds its credential: a retry now gets the stored answer).
     pub fn prune(&self) {
         let ttl = self.answer_ttl();
-        self.answered.retain(|_, a| a.at.elapsed() < ttl);
+        self.answered
+            .retain(|(device, _), a| a.at.elapsed() < ttl && self.lifecycle.is_awaiting(device));
         self.locks.retain(|_, lock| Arc::strong_count(lock) > 1);
     }
 
@@ -725,13 +736,15 @@ impl Enroller {
         );
         self.lifecycle
             .watch_activation(device_id, &serial, deadline, now);
-        self.answered.insert(
-            key,
-            Answered {
-                at: Instant::now(),
-                response: response.clone(),
-            },
-        );
+        if carries_secret(&response) {
+            self.answered.insert(
+                key,
+                Answered {
+                    at: Instant::now(),
+                    response: response.clone(),
+                },
+            );
+        }
         Ok((response, "accepted"))
     }
 

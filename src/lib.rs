@@ -3,26 +3,32 @@
 //! # Layout
 //!
 //! ```text
-//!  device / admin ──TLS──▶ front ──loopback──▶ broker (embedded rumqttd)
-//!                           │  identity, topic rules      │ local link
-//!                           ▼                             ▼
-//!                       lifecycle ◀──────────────────── enroll ──▶ pki
-//!                           │                             │
-//!                           └──────────▶ store ◀──────────┘   metrics (HTTP)
+//!  device ──TLS──▶ front ─── its session: subscriptions, queue, retained ◀── bus ◀── enroll, admin,
+//!                   │  identity, topic rules      (mailbox)                          lifecycle, audit
+//!                   │── gateway topics (inbox) ──▶ enroll / admin
+//!                   └── telemetry, events, state ──▶ broker (rumqttd: fan-out) ──▶ admins, back-ends
+//!  admin  ──TLS──▶ front ──relay──▶ broker                  store ◀── everything; metrics (HTTP)
 //! ```
 //!
 //! - [`config`]: the TOML file and its `ONBOARD_<SECTION>_<KEY>` overrides.
 //! - [`pki`]: CAs, client-certificate verification, issuing operational credentials.
-//! - [`front`]: TLS accept, who the client is (role + device id), the topic rules, and the
-//!   hand-off of authenticated connections to the broker.
-//! - [`broker`]: the embedded rumqttd, reachable only from the front, and the gateway's own link.
+//! - [`front`]: TLS accept, who the client is (role + device id), the topic rules; serves
+//!   bootstrap and device sessions itself and relays admins to the broker.
+//! - [`topics`]: the topic vocabulary, built and parsed in one place; which topics are private
+//!   to a device and which are fanned out.
+//! - [`mailbox`]: the sessions the gateway serves (subscriptions, bounded queues, QoS 1
+//!   redelivery) and every device's retained configuration and firmware job.
+//! - [`bus`]: what the gateway publishes, routed to a device's session or to the broker.
+//! - [`broker`]: the embedded rumqttd, the fan-out engine for admins and back-ends.
 //! - [`enroll`]: the bootstrap protocol on `enroll/D/request`.
-//! - [`lifecycle`]: activation, deadlines, rollback, admin commands.
+//! - [`lifecycle`]: activation, deadlines, rollback.
 //! - [`admin`]: the admin plane (config, rollback, firmware, revoke, reinstate) and renewals.
+//! - [`audit`]: the audit log's writer and its live view on `admin/events/...`.
 //! - [`import`]: bulk provisioning from CSV.
 //! - [`store`]: the inventory trait with its `sqlite` and `mssql` backends.
 //! - [`metrics`]: Prometheus registry and the `/metrics`, `/healthz`, `/readyz` endpoint.
 //! - [`gateway`]: wires everything into one running process.
+//! - [`simulate`]: the fleet simulator behind `onboard simulate` and the benchmarks.
 //! - [`cli`]: the `onboard` command line.
 
 pub mod admin;

@@ -123,6 +123,11 @@ impl Lifecycle {
         Ok(n)
     }
 
+    /// Whether `device_id` is enrolling and its activation deadline is watched.
+    pub fn is_awaiting(&self, device_id: &str) -> bool {
+        self.watches().contains_key(device_id)
+    }
+
     /// Number of devices whose activation deadline is being watched.
     pub fn watching(&self) -> usize {
         self.watches().len()

@@ -134,6 +134,22 @@ async fn identity_must_match_the_connect() {
         r.err(),
         Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized))
     );
+    // An admin may not take the client id of the gateway's own broker links.
+    let mismatches = "onboard_auth_failures_total{reason=\"client_id_mismatch\"}";
+    let before = t.metric(mismatches).await;
+    let admin = t.admin("mallory");
+    for reserved in onboard::broker::RESERVED_CLIENT_IDS {
+        let r = Client::connect(t.mtls_options(reserved, &admin)).await;
+        assert_eq!(
+            r.err(),
+            Some(ConnectFailure::Refused(ConnectReturnCode::NotAuthorized)),
+            "{reserved}"
+        );
+    }
+    assert_eq!(
+        t.metric(mismatches).await - before,
+        onboard::broker::RESERVED_CLIENT_IDS.len() as f64
+    );
 }
 
 #[tokio::test]

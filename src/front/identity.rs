@@ -226,6 +226,14 @@ impl Authenticator {
                         "admin certificate without a common name",
                     ));
                 }
+                // Admin sessions live in the broker, next to the gateway's own links.
+                if crate::broker::RESERVED_CLIENT_IDS.contains(&client_id) {
+                    return Err(Refusal::new(
+                        RefusalReason::ClientIdMismatch,
+                        Some(client_id),
+                        "client id reserved for the gateway's own links",
+                    ));
+                }
                 Ok(Identity {
                     principal: Principal {
                         role: Role::Admin,

@@ -6,11 +6,11 @@
 //! 2. the MQTT CONNECT must follow within `connect_timeout_ms`;
 //! 3. [`identity::Authenticator`] decides role and device id, or refuses with a reason;
 //! 4. the connection is served by role:
-//!    - bootstrap and device clients by the front itself ([`served`]): their subscriptions and
+//!    - bootstrap and device clients by the front itself (`served`): their subscriptions and
 //!      queued messages live in [`crate::mailbox`], what they publish for the gateway goes to
 //!      its inbox, and what others may see goes to the broker through [`crate::broker::Fanout`]:
 //!      one socket per device, and nothing per device in the broker's router;
-//!    - admins are relayed to the broker ([`relay`]), which fans out to their wildcards.
+//!    - admins are relayed to the broker (`relay`), which fans out to their wildcards.
 //!
 //! Every PUBLISH and SUBSCRIBE is checked against [`rules::allowed`]; denied filters get
 //! SUBACK 0x80, a denied publish closes the connection.
