@@ -130,13 +130,44 @@ impl TestGateway {
         &self,
         cert: &CertAndKey,
     ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.gw.mtls_addr)
+            .await
+            .expect("connect");
+        self.tls_over(tcp, cert).await
+    }
+
+    /// Like [`Self::raw_tls`], over a socket with small kernel buffers and a small segment size,
+    /// so that what a client does not read (or what the server does not read of it) fills the
+    /// buffers on both ends after kilobytes instead of megabytes.
+    pub async fn raw_tls_small_buffers(
+        &self,
+        cert: &CertAndKey,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        socket.set_send_buffer_size(4096).expect("SO_SNDBUF");
+        // Announced in the SYN: the server's segments, and so its send buffer, stay small.
+        socket.set_tcp_mss(1024).expect("TCP_MAXSEG");
+        socket.set_nonblocking(true).expect("non-blocking");
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+        let tcp = socket.connect(self.gw.mtls_addr).await.expect("connect");
+        self.tls_over(tcp, cert).await
+    }
+
+    async fn tls_over(
+        &self,
+        tcp: tokio::net::TcpStream,
+        cert: &CertAndKey,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let tls = client_tls(
             &self.server_ca_pem(),
             Some((&cert.certificate_pem, &cert.private_key_pem)),
         );
-        let tcp = tokio::net::TcpStream::connect(self.gw.mtls_addr)
-            .await
-            .expect("connect");
         let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
         tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
@@ -445,6 +476,23 @@ impl Client {
         self.subscribe_many(&[(filter, qos)]).await[0]
     }
 
+    /// Unsubscribe and wait for the UNSUBACK.
+    pub async fn unsubscribe(&mut self, filter: &str) {
+        self.client
+            .unsubscribe(filter)
+            .await
+            .expect("unsubscribe queued");
+        let until = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.next_seen(until).await {
+                Some(Packet::UnsubAck(_)) => return,
+                Some(Packet::Publish(p)) => self.inbox.push(p),
+                Some(_) => {}
+                None => panic!("no UNSUBACK (closed: {:?})", self.closed),
+            }
+        }
+    }
+
     pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
         self.client
             .publish(topic, qos, retain, payload.into())
@@ -466,6 +514,17 @@ impl Client {
                 None => return None,
             }
         }
+    }
+
+    /// Every publish received so far or within `within` from now, oldest first.
+    pub async fn drain(&mut self, within: Duration) -> Vec<Publish> {
+        let until = tokio::time::Instant::now() + within;
+        while let Some(packet) = self.next_seen(until).await {
+            if let Packet::Publish(p) = packet {
+                self.inbox.push(p);
+            }
+        }
+        std::mem::take(&mut self.inbox)
     }
 
     /// The next publish on `topic` parsed as JSON; panics if none arrives.
