@@ -49,7 +49,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
 }
 
-/// The embedded rumqttd broker. It listens on loopback only and accepts nothing but the front.
+/// The embedded rumqttd broker: fan-out to admins and back-ends. It listens on loopback only
+/// and accepts nothing but the front (admin connections; devices are served by the front).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -57,13 +58,11 @@ pub struct BrokerConfig {
     /// with several listeners means P, P+1, ...).
     pub internal_listen: SocketAddr,
     /// Internal listeners, each on its own broker thread. rumqttd pauses about a millisecond
-    /// after every accept, so each admits at most ~1,000 new connections per second. More than
-    /// one raises that (4: ~2,000/s measured) but rumqttd then refuses a few CONNECTs under
-    /// heavy connection churn (~0.3% measured), so the default is 1.
+    /// after every accept, so each admits at most ~1,000 new admin connections per second.
     pub internal_listeners: u16,
     /// Largest MQTT packet a client may send (bytes).
     pub max_payload_size: usize,
-    /// In-flight QoS 1/2 messages per connection.
+    /// QoS 1 messages in flight (sent, not yet acknowledged) per connection.
     pub max_inflight: usize,
     /// Messages the router buffers per connection before it stops reading from publishers.
     pub max_outgoing_packets: u64,
