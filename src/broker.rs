@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use prometheus::IntCounter;
 use rand::RngCore;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
@@ -38,6 +39,8 @@ pub const RESERVED_CLIENT_IDS: &[&str] = &["onboard-gateway", "onboard-fanout"];
 /// tables are allocated up front for this many.
 const ROUTER_CONNECTIONS: usize = 1024;
 
+/// Gateway publishes waiting for the router.
+const GATEWAY_QUEUE: usize = 65_536;
 /// Device publishes waiting for the router; a full queue makes the publishing connections wait.
 const FANOUT_QUEUE: usize = 4096;
 
@@ -55,18 +58,23 @@ pub enum BrokerError {
 }
 
 /// Handle to publish through the broker. Cheap to clone; never blocks the caller: publishes are
-/// queued to a thread that owns the link (the router's channel is bounded and may block).
+/// queued to a thread that owns the link (the router's channel is bounded and may block). The
+/// queue is bounded too: what the gateway publishes there is a live view (admin replies, which
+/// the store also keeps for a retry; audit events; copies for observers), so past
+/// [`GATEWAY_QUEUE`] a publish is dropped and counted rather than held.
 #[derive(Clone)]
 pub struct BrokerLink {
-    tx: mpsc::UnboundedSender<Publish>,
+    tx: mpsc::Sender<Publish>,
+    dropped: IntCounter,
 }
 
 impl BrokerLink {
     /// Local links publish at QoS 0; rumqttd delivers at the subscription's QoS.
     pub fn publish(&self, topic: &str, payload: Bytes, retain: bool) {
         let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain);
-        if self.tx.send(publish).is_err() {
-            tracing::error!(topic, "broker link is closed; publish dropped");
+        if let Err(e) = self.tx.try_send(publish) {
+            self.dropped.inc();
+            tracing::warn!(topic, error = %e, "broker link queue full or closed; publish dropped");
         }
     }
 }
@@ -106,6 +114,7 @@ impl Broker {
     pub async fn start(
         broker: &BrokerConfig,
         server: &ServerConfig,
+        dropped: IntCounter,
     ) -> Result<Broker, BrokerError> {
         let internal_addrs = (0..broker.internal_listeners)
             .map(|i| match broker.internal_listen.port() {
@@ -186,7 +195,7 @@ impl Broker {
             })
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let (out_tx, mut out_rx) = mpsc::channel(GATEWAY_QUEUE);
         std::thread::Builder::new()
             .name("broker-link-tx".into())
             .spawn(move || run_publisher(link_tx, move || out_rx.blocking_recv()))
@@ -208,7 +217,10 @@ impl Broker {
         Ok(Broker {
             internal_addrs,
             secret,
-            link: BrokerLink { tx: out_tx },
+            link: BrokerLink {
+                tx: out_tx,
+                dropped,
+            },
             fanout: Fanout { tx: device_tx },
             failed,
         })

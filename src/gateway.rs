@@ -145,7 +145,12 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
 
-        let broker = Broker::start(&config.broker, &config.server).await?;
+        let broker = Broker::start(
+            &config.broker,
+            &config.server,
+            metrics.broker_publish_dropped.clone(),
+        )
+        .await?;
         let sessions = Arc::new(Sessions::default());
         let mailboxes = Arc::new(Mailboxes::new(
             mailbox::Limits {

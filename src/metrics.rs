@@ -54,6 +54,8 @@ pub struct Metrics {
     pub session_queue_dropped: IntCounter,
     /// Clients disconnected because they stopped reading what they were sent.
     pub slow_client_disconnects: IntCounter,
+    /// Gateway publishes to the broker (live views) dropped from its full queue.
+    pub broker_publish_dropped: IntCounter,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -219,6 +221,11 @@ impl Metrics {
                 r,
                 "onboard_slow_client_disconnects_total",
                 "Clients disconnected because they stopped reading",
+            ),
+            broker_publish_dropped: counter(
+                r,
+                "onboard_broker_publish_dropped_total",
+                "Gateway publishes to the embedded broker dropped because its queue was full",
             ),
             registry,
         };

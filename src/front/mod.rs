@@ -44,8 +44,10 @@ use identity::{Authenticator, Identity, Listener, Refusal, RefusalReason};
 use rules::Action;
 use session::Sessions;
 
-/// Read buffer per direction.
+/// Read buffer per direction of a relayed (admin) connection.
 const READ_BUFFER: usize = 16 * 1024;
+/// First read buffer of a connection (a CONNECT is small; it grows for a larger one).
+const CONNECT_BUFFER: usize = 1024;
 
 /// A message a device published for the gateway itself (enrollment request, config ack,
 /// firmware status, renewal). The topic names the sender: the front lets only device D
@@ -201,7 +203,7 @@ impl Front {
             _ => None,
         };
         let (mut client_rd, mut client_wr) = tokio::io::split(tls);
-        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        let mut buf = BytesMut::with_capacity(CONNECT_BUFFER);
 
         // CONNECT, within its deadline.
         let first = tokio::time::timeout(
@@ -379,6 +381,9 @@ async fn read_frame<R: AsyncRead + Unpin>(
     loop {
         if let Some(frame) = codec::frame(buf, max)? {
             return Ok(Some(buf.split_to(frame.len).freeze()));
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(CONNECT_BUFFER);
         }
         match reader.read_buf(buf).await {
             Ok(0) | Err(_) => return Ok(None),

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::codec::{self, kind, Frame, PublishFlags};
 use super::rules::{self, Action, Decision};
-use super::{Admitted, End, Front, Inbound, READ_BUFFER};
+use super::{Admitted, End, Front, Inbound};
 use crate::mailbox::{Attached, Message, SessionKey};
 use crate::pki::Role;
 use crate::topics;
@@ -32,6 +32,9 @@ use crate::topics;
 pub const MAX_SUBSCRIPTIONS: usize = 64;
 /// Output written to the client in one go; more waits for the next round.
 const OUTPUT_CHUNK: usize = 64 * 1024;
+/// Read buffer of a served connection: small, since most connections sit idle (it grows for
+/// a larger packet, and shrinks back when the connection falls quiet).
+const READ_CHUNK: usize = 4096;
 
 impl Front {
     /// Serve an authenticated bootstrap or device connection (CONNACK not yet sent).
@@ -115,8 +118,11 @@ impl Served<'_> {
             if more {
                 continue;
             }
-            if buf.capacity() - buf.len() < READ_BUFFER / 4 {
-                buf.reserve(READ_BUFFER);
+            if buf.is_empty() && buf.capacity() > 2 * READ_CHUNK {
+                buf = BytesMut::new();
+            }
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
             }
             let silence = async {
                 match self.idle {
@@ -377,7 +383,12 @@ impl<W: AsyncWrite + Unpin> Outbox<'_, W> {
         };
         match tokio::time::timeout(self.timeout, write).await {
             Ok(Ok(())) => {
-                self.pending.clear();
+                // Keep no burst-sized buffer on an idle connection.
+                if self.pending.capacity() > OUTPUT_CHUNK {
+                    self.pending = BytesMut::new();
+                } else {
+                    self.pending.clear();
+                }
                 Ok(())
             }
             Ok(Err(_)) => Err(End::ClientClosed),
