@@ -17,28 +17,44 @@
 //! Failures are counted by reason (see [`DeviceFailure::reason`]).
 //!
 //! [`run`] is the whole fleet; [`Simulator`] exposes the single steps for benchmarks and tools.
+//!
+//! # Layout
+//!
+//! - `device`: one device's flows (kit, enrollment, activation or reconnect, an idle held
+//!   connection), over `wire`, a lean MQTT 3.1.1 client driven in the caller's task;
+//! - `tls`: the devices' TLS client configurations (a server chain verified once is
+//!   recognised for a while; the handshake signature is verified every time);
+//! - `batch`: many devices through one flow, a bounded number at once, with latencies and
+//!   failures by reason ([`drive`]); [`run`] and the fleet benchmark use it;
+//! - here: options, failures, the report, `onboard simulate`'s arguments, and a rumqttc
+//!   [`Connection`] for baselines that must use a stock client.
+
+mod batch;
+mod device;
+mod tls;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
     Packet, Publish, QoS, StateError, SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use serde_json::{json, Value};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+pub use batch::{drive, Batch, BatchOptions, Completed};
+pub use device::{DeviceKit, EnrolledDevice, HeldConnection, OperationalCredential};
+pub use tls::client_tls_config;
+
 use crate::config::{Config, PkiConfig};
-use crate::pki::{CertOptions, Issuer, Pki, PkiError};
+use crate::pki::{Issuer, Pki, PkiError};
+use tls::DeviceTls;
+use wire::Target;
 
 /// Model reported in the simulated enrollment requests.
 pub const SIM_MODEL: &str = "SIM-1";
@@ -51,8 +67,6 @@ pub const FACTORY_CA_STEM: &str = "factory-ca";
 const MAX_PACKET: usize = 1 << 20;
 /// Validity of the factory certificates made for simulated devices.
 const FACTORY_CERT_DAYS: i64 = 30;
-/// Bounds of the latency histogram, in microseconds.
-const LATENCY_MAX_US: u64 = 3_600_000_000;
 
 /// Which operational credential the simulated devices ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -251,16 +265,16 @@ impl DeviceFailure {
     }
 }
 
-/// Label of a CONNACK refusal code.
+/// Label of a CONNACK refusal code (the same vocabulary as [`wire::connack_label`]).
 fn connack_label(code: ConnectReturnCode) -> &'static str {
-    match code {
-        ConnectReturnCode::Success => "success",
-        ConnectReturnCode::RefusedProtocolVersion => "unacceptable_protocol_version",
-        ConnectReturnCode::BadClientId => "identifier_rejected",
-        ConnectReturnCode::ServiceUnavailable => "server_unavailable",
-        ConnectReturnCode::BadUserNamePassword => "bad_username_or_password",
-        ConnectReturnCode::NotAuthorized => "not_authorized",
-    }
+    wire::connack_label(match code {
+        ConnectReturnCode::Success => 0,
+        ConnectReturnCode::RefusedProtocolVersion => 1,
+        ConnectReturnCode::BadClientId => 2,
+        ConnectReturnCode::ServiceUnavailable => 3,
+        ConnectReturnCode::BadUserNamePassword => 4,
+        ConnectReturnCode::NotAuthorized => 5,
+    })
 }
 
 /// Classify an I/O error: a TLS error wrapped by the TLS stream, a refused TCP connect, the
@@ -311,53 +325,6 @@ fn connection_failure(phase: Phase, e: ConnectionError) -> DeviceFailure {
             detail: other.to_string(),
         },
     }
-}
-
-/// A rustls client configuration trusting the CA(s) in `ca_pem`, optionally presenting a
-/// client certificate (`(certificate_pem, private_key_pem)`). Session resumption is off: every
-/// connection makes a full handshake, as a fleet of distinct devices does.
-pub fn client_tls_config(
-    ca_pem: &str,
-    client: Option<(&str, &str)>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let cert = cert.map_err(|e| format!("CA PEM: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("CA certificate: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err("no CA certificate to trust".into());
-    }
-    tls_config_with_roots(Arc::new(roots), client)
-}
-
-fn tls_config_with_roots(
-    roots: Arc<rustls::RootCertStore>,
-    client: Option<(&str, &str)>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    let mut config = match client {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(cert.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| format!("client certificate PEM: {e}"))?;
-            let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-                .map_err(|e| format!("client key PEM: {e}"))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("client certificate: {e}"))?
-        }
-    };
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
 }
 
 /// MQTT options for `client_id` at `host:port` over TLS with `tls`.
@@ -535,38 +502,16 @@ pub async fn publish_round_trip(
     Ok(())
 }
 
-/// The operational credential a device received.
-#[derive(Debug, Clone)]
-pub enum OperationalCredential {
-    /// Certificate (PEM) and the private key that goes with it (the device's own, or the one
-    /// the gateway generated).
-    Certificate {
-        certificate_pem: String,
-        private_key_pem: String,
-    },
-    Password {
-        username: String,
-        password: String,
-    },
-}
-
-/// A device whose enrollment was accepted.
-#[derive(Debug, Clone)]
-pub struct EnrolledDevice {
-    pub device_id: String,
-    pub credential: OperationalCredential,
-    /// `config_version` of the response.
-    pub config_version: u64,
-    /// When the request was published (start of the device's latency).
-    pub requested_at: Instant,
-}
-
-/// Shared state of a simulation: the factory CA (loaded once), the trusted server CA, the
-/// options.
+/// Shared state of a simulation: the options, the factory CA (loaded once), the TLS settings
+/// every device shares, and where the devices connect.
 pub struct Simulator {
     opts: SimulateOptions,
-    roots: Arc<rustls::RootCertStore>,
     factory: Issuer,
+    tls: DeviceTls,
+    /// The mTLS listener (bootstrap and operational certificates).
+    mtls: Target,
+    /// The password listener.
+    password: Target,
 }
 
 impl Simulator {
@@ -582,23 +527,18 @@ impl Simulator {
             ..PkiConfig::default()
         };
         let pki = Pki::load(&pki_config).map_err(pki_error)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(pki.server_ca_pem().as_bytes()) {
-            let cert = cert.map_err(|e| SimError::Tls(format!("server CA PEM: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| SimError::Tls(format!("server CA: {e}")))?;
-        }
-        if roots.is_empty() {
-            return Err(SimError::Tls(format!(
-                "no server CA certificate in {}",
-                opts.pki_dir.display()
-            )));
-        }
+        let roots = tls::roots_from_pem(pki.server_ca_pem())
+            .map_err(|e| SimError::Tls(format!("server CA in {}: {e}", opts.pki_dir.display())))?;
+        let tls = DeviceTls::remembering(Arc::new(roots)).map_err(SimError::Tls)?;
+        let target = |port| {
+            Target::new(&opts.host, port).map_err(|e| SimError::InvalidOptions(e.to_string()))
+        };
         Ok(Simulator {
+            mtls: target(opts.port)?,
+            password: target(opts.password_port)?,
             opts,
-            roots: Arc::new(roots),
             factory,
+            tls,
         })
     }
 
@@ -611,13 +551,14 @@ impl Simulator {
         format!("{}{index:06}", self.opts.prefix)
     }
 
-    /// A rustls client configuration trusting the server CA, with an optional client
-    /// certificate (`(certificate_pem, private_key_pem)`).
+    /// A rustls client configuration trusting the server CA (its chain verified once, then
+    /// recognised for a while), with an optional client certificate
+    /// (`(certificate_pem, private_key_pem)`).
     pub fn tls_config(
         &self,
         client: Option<(&str, &str)>,
     ) -> Result<Arc<rustls::ClientConfig>, DeviceFailure> {
-        tls_config_with_roots(self.roots.clone(), client).map_err(DeviceFailure::Local)
+        self.tls.config(client).map_err(DeviceFailure::Local)
     }
 
     /// MQTT options to connect as `device` with its operational credential.
@@ -642,216 +583,6 @@ impl Simulator {
             }
         })
     }
-
-    /// Bootstrap: factory certificate, connect, subscribe to the response topic, publish the
-    /// request, wait for the answer, disconnect.
-    pub async fn enroll(
-        &self,
-        device_id: &str,
-        deadline: Instant,
-    ) -> Result<EnrolledDevice, DeviceFailure> {
-        let o = &self.opts;
-        let factory = self
-            .factory
-            .issue_client(device_id, &CertOptions::valid_for_days(FACTORY_CERT_DAYS))
-            .map_err(|e| DeviceFailure::Local(format!("factory certificate: {e}")))?;
-        let tls = self.tls_config(Some((&factory.certificate_pem, &factory.private_key_pem)))?;
-        let own_key = match o.credential {
-            SimCredential::Csr => Some(csr_for(device_id)?),
-            SimCredential::Generated | SimCredential::Password => None,
-        };
-
-        let phase = Phase::BootstrapConnect;
-        let mut conn = Connection::open(
-            mqtt_options(device_id, &o.host, o.port, tls),
-            deadline,
-            phase,
-        )
-        .await?;
-        let response_topic = format!("enroll/{device_id}/response");
-        conn.subscribe(
-            &response_topic,
-            QoS::AtLeastOnce,
-            deadline,
-            Phase::ResponseSubscribe,
-        )
-        .await?;
-
-        let request_id = format!("{device_id}-{}", uuid::Uuid::new_v4().simple());
-        let mut request = json!({
-            "request_id": request_id,
-            "credential": o.credential.requested(),
-            "device_type": o.device_type,
-            "model": SIM_MODEL,
-            "firmware_version": SIM_FIRMWARE,
-        });
-        if let Some((csr, _)) = &own_key {
-            request["csr"] = json!(csr);
-        }
-        let payload =
-            serde_json::to_vec(&request).map_err(|e| DeviceFailure::Local(e.to_string()))?;
-        let requested_at = Instant::now();
-        conn.client
-            .publish(
-                format!("enroll/{device_id}/request"),
-                QoS::AtLeastOnce,
-                false,
-                payload,
-            )
-            .await
-            .map_err(|e| DeviceFailure::Local(e.to_string()))?;
-        let response = loop {
-            let p = conn
-                .recv_on(&response_topic, deadline, Phase::Response)
-                .await?;
-            let v: Value = serde_json::from_slice(&p.payload)
-                .map_err(|e| DeviceFailure::BadResponse(format!("not JSON: {e}")))?;
-            // An answer to another request id (an earlier attempt) is not ours.
-            if v["request_id"].as_str() == Some(request_id.as_str()) {
-                break v;
-            }
-        };
-        conn.close(deadline).await;
-
-        let enrolled = parse_response(device_id, &response, own_key.map(|(_, key)| key))?;
-        Ok(EnrolledDevice {
-            requested_at,
-            ..enrolled
-        })
-    }
-
-    /// Reconnect with the operational credential, check the retained configuration, publish
-    /// telemetry (each message acknowledged), disconnect. Returns when the first telemetry
-    /// message (the activating one) was acknowledged.
-    pub async fn activate(
-        &self,
-        device: &EnrolledDevice,
-        deadline: Instant,
-    ) -> Result<Instant, DeviceFailure> {
-        let id = &device.device_id;
-        let options = self.operational_options(device)?;
-        let mut conn = Connection::open(options, deadline, Phase::OperationalConnect).await?;
-        let config_topic = format!("devices/{id}/config");
-        conn.subscribe(&config_topic, QoS::AtLeastOnce, deadline, Phase::Config)
-            .await?;
-        let config = conn.recv_on(&config_topic, deadline, Phase::Config).await?;
-        let body: Value = serde_json::from_slice(&config.payload)
-            .map_err(|e| DeviceFailure::BadConfig(format!("not JSON: {e}")))?;
-        let version = body["version"].as_u64().unwrap_or(0);
-        if version < 1 {
-            return Err(DeviceFailure::BadConfig(format!(
-                "version {:?} on {config_topic}",
-                body["version"]
-            )));
-        }
-        if body["device_id"].as_str().is_some_and(|d| d != id) {
-            return Err(DeviceFailure::BadConfig(format!(
-                "device_id {:?} on {config_topic}",
-                body["device_id"]
-            )));
-        }
-
-        let topic = format!("devices/{id}/telemetry");
-        let mut activated_at = None;
-        for seq in 0..self.opts.telemetry_messages.max(1) {
-            let payload = json!({ "seq": seq, "temperature_c": 21.5 }).to_string();
-            conn.publish_acked(&topic, payload.into_bytes(), deadline, Phase::Telemetry)
-                .await?;
-            activated_at.get_or_insert_with(Instant::now);
-        }
-        conn.close(deadline).await;
-        Ok(activated_at.unwrap_or_else(Instant::now))
-    }
-
-    /// The whole flow of one device; returns its latency (request to the acknowledgement of
-    /// the activating telemetry message).
-    pub async fn run_device(&self, device_id: &str) -> Result<Duration, DeviceFailure> {
-        let deadline = Instant::now() + self.opts.timeout;
-        let device = self.enroll(device_id, deadline).await?;
-        let activated_at = self.activate(&device, deadline).await?;
-        Ok(activated_at.saturating_duration_since(device.requested_at))
-    }
-}
-
-/// A fresh EC P-256 key and a CSR with CN `device_id` (PEM both).
-fn csr_for(device_id: &str) -> Result<(String, String), DeviceFailure> {
-    let local = |e: rcgen::Error| DeviceFailure::Local(format!("key or CSR: {e}"));
-    let key = rcgen::KeyPair::generate().map_err(local)?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(local)?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, device_id);
-    let csr = params.serialize_request(&key).map_err(local)?;
-    Ok((csr.pem().map_err(local)?, key.serialize_pem()))
-}
-
-/// Read an enrollment response; `own_key` is the device's key in CSR mode.
-fn parse_response(
-    device_id: &str,
-    response: &Value,
-    own_key: Option<String>,
-) -> Result<EnrolledDevice, DeviceFailure> {
-    let text = |v: &Value, what: &str| -> Result<String, DeviceFailure> {
-        v.as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| DeviceFailure::BadResponse(format!("no {what}")))
-    };
-    match response["status"].as_str() {
-        Some("accepted") => {}
-        Some("rejected") => {
-            let error = &response["error"];
-            return Err(DeviceFailure::Rejected {
-                code: error["code"].as_str().unwrap_or("unknown").to_owned(),
-                message: error["message"].as_str().unwrap_or_default().to_owned(),
-            });
-        }
-        other => {
-            return Err(DeviceFailure::BadResponse(format!("status {other:?}")));
-        }
-    }
-    if response["device_id"]
-        .as_str()
-        .is_some_and(|d| d != device_id)
-    {
-        return Err(DeviceFailure::BadResponse(format!(
-            "device_id {:?}",
-            response["device_id"]
-        )));
-    }
-    let credential = &response["credential"];
-    let credential = match credential["type"].as_str() {
-        Some("certificate") => {
-            let certificate_pem = text(&credential["certificate_pem"], "certificate_pem")?;
-            let private_key_pem = match (own_key, credential["private_key_pem"].as_str()) {
-                (Some(key), _) => key,
-                (None, Some(key)) => key.to_owned(),
-                (None, None) => {
-                    return Err(DeviceFailure::BadResponse(
-                        "generated credential without private_key_pem".into(),
-                    ))
-                }
-            };
-            OperationalCredential::Certificate {
-                certificate_pem,
-                private_key_pem,
-            }
-        }
-        Some("password") => OperationalCredential::Password {
-            username: text(&credential["username"], "username")?,
-            password: text(&credential["password"], "password")?,
-        },
-        other => {
-            return Err(DeviceFailure::BadResponse(format!(
-                "credential type {other:?}"
-            )))
-        }
-    };
-    Ok(EnrolledDevice {
-        device_id: device_id.to_owned(),
-        credential,
-        config_version: response["config_version"].as_u64().unwrap_or(0),
-        requested_at: Instant::now(),
-    })
 }
 
 /// Outcome of a simulation.
@@ -924,17 +655,6 @@ impl fmt::Display for SimReport {
     }
 }
 
-/// What one worker saw.
-struct Tally {
-    latencies: Histogram<u64>,
-    failures: BTreeMap<String, u64>,
-}
-
-fn new_histogram() -> Result<Histogram<u64>, SimError> {
-    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3)
-        .map_err(|e| SimError::InvalidOptions(format!("latency histogram: {e}")))
-}
-
 /// Simulate the fleet: every device through its whole flow, at most `opts.concurrency` at once.
 /// `progress` (if any) advances by one per device, and its message shows the failures so far.
 pub async fn run(
@@ -951,80 +671,23 @@ pub async fn run(
             "timeout must be greater than 0".into(),
         ));
     }
-    let devices = opts.devices;
-    let workers = opts.concurrency.min(devices);
-    let simulator = Arc::new(Simulator::new(opts)?);
-    let next = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = JoinSet::new();
-    for _ in 0..workers {
-        let simulator = simulator.clone();
-        let next = next.clone();
-        let failed = failed.clone();
-        let progress = progress.cloned();
-        let mut tally = Tally {
-            latencies: new_histogram()?,
-            failures: BTreeMap::new(),
-        };
-        tasks.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= devices {
-                    return tally;
-                }
-                let id = simulator.device_id(simulator.opts.start_index + i);
-                match simulator.run_device(&id).await {
-                    Ok(latency) => {
-                        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-                        tally.latencies.saturating_record(us.max(1));
-                    }
-                    Err(failure) => {
-                        tracing::debug!(device = %id, error = %failure, "simulated device failed");
-                        *tally.failures.entry(failure.reason()).or_default() += 1;
-                        let n = failed.fetch_add(1, Ordering::Relaxed) + 1;
-                        if let Some(p) = &progress {
-                            p.set_message(format!("{n} failed"));
-                        }
-                    }
-                }
-                if let Some(p) = &progress {
-                    p.inc(1);
-                }
-            }
-        });
-    }
-    let mut latencies = new_histogram()?;
-    let mut failed_by_reason: BTreeMap<String, u64> = BTreeMap::new();
-    while let Some(joined) = tasks.join_next().await {
-        let tally = joined.map_err(|e| SimError::Task(e.to_string()))?;
-        latencies
-            .add(&tally.latencies)
-            .map_err(|e| SimError::Task(format!("latency histogram: {e:?}")))?;
-        for (reason, n) in tally.failures {
-            *failed_by_reason.entry(reason).or_default() += n;
-        }
-    }
-    let elapsed = started.elapsed();
-    let quantile = |q: f64| {
-        if latencies.is_empty() {
-            Duration::ZERO
-        } else {
-            Duration::from_micros(latencies.value_at_quantile(q))
-        }
+    let options = BatchOptions {
+        concurrency: opts.concurrency,
+        stop_after_failures: None,
+        progress: progress.cloned(),
     };
-    Ok(SimReport {
-        enrolled: latencies.len(),
-        failed_by_reason,
-        elapsed,
-        p50: quantile(0.5),
-        p99: quantile(0.99),
-        max: if latencies.is_empty() {
-            Duration::ZERO
-        } else {
-            Duration::from_micros(latencies.max())
-        },
+    let first = opts.start_index;
+    let ids: Vec<usize> = (first..first + opts.devices).collect();
+    let simulator = Arc::new(Simulator::new(opts)?);
+    let batch = drive(ids, options, move |index| {
+        let simulator = simulator.clone();
+        async move {
+            let latency = simulator.run_device(&simulator.device_id(index)).await?;
+            Ok(Completed { value: (), latency })
+        }
     })
+    .await?;
+    Ok(batch.report)
 }
 
 /// `onboard simulate`: a fleet of simulated devices against a running gateway.
@@ -1099,56 +762,6 @@ impl SimulateArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn responses_are_read_by_the_contract() {
-        let accepted = json!({
-            "request_id": "r", "status": "accepted", "device_id": "d1",
-            "credential": { "type": "certificate", "certificate_pem": "CERT",
-                            "private_key_pem": "KEY" },
-            "config_topic": "devices/d1/config", "config_version": 1
-        });
-        let d = parse_response("d1", &accepted, None).expect("accepted");
-        assert_eq!(d.config_version, 1);
-        match d.credential {
-            OperationalCredential::Certificate {
-                certificate_pem,
-                private_key_pem,
-            } => {
-                assert_eq!(certificate_pem, "CERT");
-                assert_eq!(private_key_pem, "KEY");
-            }
-            other => panic!("{other:?}"),
-        }
-        // In CSR mode the device's own key wins.
-        let d = parse_response("d1", &accepted, Some("MINE".into())).expect("accepted");
-        assert!(matches!(
-            d.credential,
-            OperationalCredential::Certificate { private_key_pem, .. } if private_key_pem == "MINE"
-        ));
-
-        let rejected = json!({ "request_id": "r", "status": "rejected",
-                               "error": { "code": "not_allowlisted", "message": "no" } });
-        let e = parse_response("d1", &rejected, None).expect_err("rejected");
-        assert_eq!(e.reason(), "rejected:not_allowlisted");
-
-        let password = json!({ "status": "accepted", "device_id": "d1",
-            "credential": { "type": "password", "username": "d1", "password": "p" } });
-        assert!(matches!(
-            parse_response("d1", &password, None)
-                .expect("accepted")
-                .credential,
-            OperationalCredential::Password { .. }
-        ));
-        let other = json!({ "status": "accepted", "device_id": "d2",
-            "credential": { "type": "password", "username": "d2", "password": "p" } });
-        assert_eq!(
-            parse_response("d1", &other, None)
-                .expect_err("wrong id")
-                .reason(),
-            "bad_response"
-        );
-    }
 
     #[test]
     fn report_prints_rate_percentiles_and_failures() {
