@@ -35,6 +35,8 @@ const ENROLL_CONCURRENCY: usize = 256;
 /// Messages for the gateway (enrollment requests, acks, renewals) waiting to be handled; a
 /// full inbox makes the publishing connections wait.
 const INBOX: usize = 4096;
+/// Connection attempts the kernel queues for each listener before the front accepts them.
+const LISTEN_BACKLOG: u32 = 4096;
 /// File descriptors kept for everything but client connections (store, listeners, logs).
 const RESERVED_FDS: u64 = 256;
 
@@ -92,9 +94,20 @@ fn pki_is_empty(dir: &Path) -> bool {
     }
 }
 
+/// Bind a listener whose accept queue holds a reconnect storm ([`LISTEN_BACKLOG`]; the kernel
+/// caps it at `net.core.somaxconn`): past the queue, the kernel drops connection attempts and
+/// clients retry only after a second.
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(addr)
-        .await
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    };
+    socket
+        .and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(LISTEN_BACKLOG)
+        })
         .map_err(|source| GatewayError::Bind { what, addr, source })
 }
 
