@@ -43,6 +43,17 @@ impl Bus {
         self.send(topic, Bytes::new(), true);
     }
 
+    /// Retain `payload` on a device's private topic again (at start, from the store): nobody
+    /// is connected yet and observers need no replay, so it is only kept.
+    pub fn restore_retained(&self, topic: &str, payload: impl Into<Bytes>) {
+        match topics::route(topic) {
+            Route::Device(id, kind) => {
+                self.mailboxes.set_retained(id, kind, Some(payload.into()));
+            }
+            _ => self.publish_retained(topic, payload),
+        }
+    }
+
     fn send(&self, topic: &str, payload: Bytes, retain: bool) {
         match topics::route(topic) {
             Route::Bootstrap(id) => self

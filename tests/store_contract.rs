@@ -993,7 +993,17 @@ async fn published_configs_are_newest_of_enrolling_and_active(cx: Ctx) {
     .await
     .unwrap();
 
-    let all = s.published_configs().await.unwrap();
+    let all = s.published_configs("", u32::MAX).await.unwrap();
+    // Paged: each page continues after the last device id of the one before.
+    let mut paged = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = s.published_configs(&after, 1).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.device_id.clone();
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
     let mut mine: Vec<_> = all
         .iter()
         .filter(|c| cx.mine(&c.device_id))

@@ -33,7 +33,11 @@ use crate::config::LifecycleConfig;
 use crate::front::session::Sessions;
 use crate::metrics::Metrics;
 use crate::pki::Pki;
-use crate::store::{AuditEvent, Device, DeviceState, Store, StoreError};
+use crate::store::{AuditEvent, Device, DeviceConfig, DeviceState, Store, StoreError};
+use crate::topics;
+
+/// Configurations read per store round trip when they are retained again at start.
+const RESTORE_PAGE: u32 = 1_000;
 
 pub mod config;
 pub mod firmware;
@@ -283,36 +287,52 @@ impl Admin {
     /// store (rumqttd keeps nothing across restarts). Returns how many configurations were
     /// published.
     pub async fn republish_retained(&self) -> Result<usize, StoreError> {
-        let configs = self
-            .metrics
-            .store_op("published_configs", self.store.published_configs())
-            .await?;
-        for config in &configs {
-            self.link.publish_retained(
-                &format!("devices/{}/config", config.device_id),
-                serde_json::to_vec(&config.body).unwrap_or_default(),
-            );
-            match self
+        let mut restored = 0;
+        let mut after = String::new();
+        loop {
+            let page = self
                 .metrics
                 .store_op(
-                    "latest_firmware_job",
-                    self.store.latest_firmware_job(&config.device_id),
+                    "published_configs",
+                    self.store.published_configs(&after, RESTORE_PAGE),
                 )
-                .await
-            {
-                Ok(Some(job)) if !firmware::is_terminal(&job.status) => {
-                    self.link.publish_retained(
-                        &format!("devices/{}/firmware", job.device_id),
-                        serde_json::to_vec(&firmware::job_document(&job)).unwrap_or_default(),
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(device_id = %config.device_id, error = %e, "firmware job not republished")
-                }
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(restored);
+            };
+            after = last.device_id.clone();
+            restored += page.len();
+            for config in &page {
+                self.restore_device(config).await;
             }
         }
-        Ok(configs.len())
+    }
+
+    /// Retain one device's configuration and unfinished firmware job again.
+    async fn restore_device(&self, config: &DeviceConfig) {
+        self.link.restore_retained(
+            &topics::config(&config.device_id),
+            serde_json::to_vec(&config.body).unwrap_or_default(),
+        );
+        match self
+            .metrics
+            .store_op(
+                "latest_firmware_job",
+                self.store.latest_firmware_job(&config.device_id),
+            )
+            .await
+        {
+            Ok(Some(job)) if !firmware::is_terminal(&job.status) => {
+                self.link.restore_retained(
+                    &topics::firmware(&job.device_id),
+                    serde_json::to_vec(&firmware::job_document(&job)).unwrap_or_default(),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(device_id = %config.device_id, error = %e, "firmware job not republished")
+            }
+        }
     }
 
     /// Execute one admin command published by `actor` on `topic` and answer it on

@@ -433,8 +433,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<DeviceConfig>>;
     async fn config_history(&self, device_id: &str) -> StoreResult<Vec<DeviceConfig>>;
     /// Newest config of every device whose config is published (states enrolling and active),
-    /// for republishing retained messages at start.
-    async fn published_configs(&self) -> StoreResult<Vec<DeviceConfig>>;
+    /// for republishing retained messages at start: one page of at most `limit`, of the devices
+    /// whose id sorts after `after` (`""` for the first page), in device id order.
+    async fn published_configs(&self, after: &str, limit: u32) -> StoreResult<Vec<DeviceConfig>>;
     /// Insert version latest+1 with this body and event; returns the new row.
     async fn insert_config(
         &self,

@@ -1339,8 +1339,9 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn published_configs(&self) -> StoreResult<Vec<DeviceConfig>> {
-        self.read(|conn| {
+    async fn published_configs(&self, after: &str, limit: u32) -> StoreResult<Vec<DeviceConfig>> {
+        let after = after.to_owned();
+        self.read(move |conn| {
             query_all(
                 conn,
                 "SELECT c.device_id, c.version, c.body, c.created_by, c.created_at, c.applied_at,
@@ -1348,10 +1349,12 @@ impl Store for SqliteStore {
                    FROM devices d
                    JOIN device_configs c ON c.device_id = d.id
                   WHERE d.state IN ('enrolling', 'active')
+                    AND d.id > ?1
                     AND c.version = (SELECT MAX(version) FROM device_configs m
                                       WHERE m.device_id = d.id)
-                  ORDER BY d.id",
-                [],
+                  ORDER BY d.id
+                  LIMIT ?2",
+                rusqlite::params![after, limit],
                 config_from_row,
             )
         })

@@ -985,11 +985,12 @@ impl Store for MssqlStore {
         .await
     }
 
-    async fn published_configs(&self) -> StoreResult<Vec<DeviceConfig>> {
+    async fn published_configs(&self, after: &str, limit: u32) -> StoreResult<Vec<DeviceConfig>> {
         let sql = &self.sql.published_configs;
+        let limit = i64::from(limit);
         self.run("published_configs", |mut c| {
             Box::pin(async move {
-                let rows = c.query("published_configs", sql, &[]).await?;
+                let rows = c.query("published_configs", sql, &[&after, &limit]).await?;
                 collect(rows, rows::config)
             })
         })

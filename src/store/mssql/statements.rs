@@ -245,9 +245,9 @@ impl Statements {
                  WHERE c.device_id = @P1 ORDER BY c.version"
             ),
             published_configs: format!(
-                "SELECT {CONFIG_COLUMNS} FROM {s}.onboard_device_configs AS c \
+                "SELECT TOP (@P2) {CONFIG_COLUMNS} FROM {s}.onboard_device_configs AS c \
                  INNER JOIN {s}.onboard_devices AS d ON d.id = c.device_id \
-                 WHERE d.state IN (N'enrolling', N'active') \
+                 WHERE d.state IN (N'enrolling', N'active') AND c.device_id > @P1 \
                  AND c.version = (SELECT MAX(c2.version) FROM {s}.onboard_device_configs AS c2 \
                                   WHERE c2.device_id = c.device_id) \
                  ORDER BY c.device_id"
