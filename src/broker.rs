@@ -39,6 +39,10 @@ pub const RESERVED_CLIENT_IDS: &[&str] = &["onboard-gateway", "onboard-fanout"];
 /// tables are allocated up front for this many.
 const ROUTER_CONNECTIONS: usize = 1024;
 
+/// Publishes handed to the router in one go.
+const PUBLISH_BATCH: usize = 256;
+/// A link's messages the router may have still to take before more are handed over.
+const ROUTER_BACKLOG: usize = 4096;
 /// Gateway publishes waiting for the router.
 const GATEWAY_QUEUE: usize = 65_536;
 /// Device publishes waiting for the router; a full queue makes the publishing connections wait.
@@ -195,15 +199,15 @@ impl Broker {
             })
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
-        let (out_tx, mut out_rx) = mpsc::channel(GATEWAY_QUEUE);
+        let (out_tx, out_rx) = mpsc::channel(GATEWAY_QUEUE);
         std::thread::Builder::new()
             .name("broker-link-tx".into())
-            .spawn(move || run_publisher(link_tx, move || out_rx.blocking_recv()))
+            .spawn(move || run_publisher(link_tx, out_rx))
             .map_err(|e| BrokerError::Link(e.to_string()))?;
-        let (device_tx, mut device_rx) = mpsc::channel(FANOUT_QUEUE);
+        let (device_tx, device_rx) = mpsc::channel(FANOUT_QUEUE);
         std::thread::Builder::new()
             .name("broker-fanout".into())
-            .spawn(move || run_publisher(fanout_tx, move || device_rx.blocking_recv()))
+            .spawn(move || run_publisher(fanout_tx, device_rx))
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
         let failed = CancellationToken::new();
@@ -267,8 +271,12 @@ async fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
     Err(BrokerError::NotListening(addr))
 }
 
-/// Owns one link: hands the router every publish `next` yields, until it yields none.
-fn run_publisher(mut link_tx: LinkTx, mut next: impl FnMut() -> Option<Publish>) {
+/// Owns one link: hands the router every publish queued on `rx`, in order, until the queue
+/// closes. What is queued together goes in one batch, so the router is woken once per batch,
+/// not per message; and while the router has [`ROUTER_BACKLOG`] of this link's messages still
+/// to take, no more are handed over, so the bounded queue fills and its publishers wait: the
+/// router's pace is theirs.
+fn run_publisher(mut link_tx: LinkTx, mut rx: mpsc::Receiver<Publish>) {
     let runtime = match tokio::runtime::Builder::new_current_thread().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -276,8 +284,24 @@ fn run_publisher(mut link_tx: LinkTx, mut next: impl FnMut() -> Option<Publish>)
             return;
         }
     };
-    while let Some(publish) = next() {
-        if let Err(e) = runtime.block_on(link_tx.send(Packet::Publish(publish, None))) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < PUBLISH_BATCH {
+            match rx.try_recv() {
+                Ok(publish) => batch.push(publish),
+                Err(_) => break,
+            }
+        }
+        while link_tx.buffer().len() >= ROUTER_BACKLOG {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let Some(last) = batch.pop() else { continue };
+        link_tx
+            .buffer()
+            .extend(batch.drain(..).map(|p| Packet::Publish(p, None)));
+        // The last one goes with the wake-up for the whole batch.
+        if let Err(e) = runtime.block_on(link_tx.send(Packet::Publish(last, None))) {
             tracing::error!(error = %e, "broker link closed");
             return;
         }
