@@ -184,8 +184,7 @@ pub mod encode {
     }
 
     pub fn puback(pkid: u16) -> [u8; 4] {
-        let [hi, lo] = pkid.to_be_bytes();
-        [header::PUBACK, 2, hi, lo]
+        crate::front::codec::ack(crate::front::codec::kind::PUBACK, pkid)
     }
 
     pub const DISCONNECT: [u8; 2] = [header::DISCONNECT, 0];
@@ -194,31 +193,16 @@ pub mod encode {
 /// Reading what the server sends.
 pub mod decode {
     use super::{header, Incoming, Message, WireError};
+    use crate::front::codec::{self, CodecError};
 
     /// Length of the complete packet at the start of `buf` and where its body starts, or
-    /// `None` when more bytes are needed.
+    /// `None` when more bytes are needed (the framing the gateway itself uses).
     pub fn frame(buf: &[u8], max_len: usize) -> Result<Option<(usize, usize)>, WireError> {
-        if buf.is_empty() {
-            return Ok(None);
+        match codec::frame(buf, max_len) {
+            Ok(frame) => Ok(frame.map(|f| (f.len, f.header_len))),
+            Err(CodecError::TooLarge { size, limit }) => Err(WireError::TooLarge { size, limit }),
+            Err(_) => Err(WireError::BadLength),
         }
-        let mut remaining = 0usize;
-        for i in 1..=4 {
-            let Some(&byte) = buf.get(i) else {
-                return Ok(None);
-            };
-            remaining |= usize::from(byte & 0x7f) << (7 * (i - 1));
-            if byte & 0x80 == 0 {
-                let len = 1 + i + remaining;
-                if len > max_len {
-                    return Err(WireError::TooLarge {
-                        size: len,
-                        limit: max_len,
-                    });
-                }
-                return Ok((buf.len() >= len).then_some((len, 1 + i)));
-            }
-        }
-        Err(WireError::BadLength)
     }
 
     fn u16_at(body: &[u8], at: usize, what: &'static str) -> Result<u16, WireError> {
