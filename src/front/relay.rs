@@ -461,7 +461,13 @@ struct ClientWriter<'a, W> {
 
 impl<W: AsyncWrite + Unpin> ClientWriter<'_, W> {
     async fn write(&mut self, bytes: &[u8]) -> Result<(), End> {
-        match tokio::time::timeout(self.timeout, self.client.write_all(bytes)).await {
+        // Flushed: TLS records left in the session would wait for the next write, and under
+        // QoS 1 that write waits for the client's acknowledgement of these very records.
+        let write = async {
+            self.client.write_all(bytes).await?;
+            self.client.flush().await
+        };
+        match tokio::time::timeout(self.timeout, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::ClientClosed),
             Err(_) => Err(End::SlowClient),
