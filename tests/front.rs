@@ -640,3 +640,29 @@ async fn bootstrap_sessions_served_by_the_front_follow_mqtt() {
     assert_eq!(n, 0);
     t.wait_event("raw-1", "protocol_violation").await;
 }
+
+#[tokio::test]
+async fn unproven_ids_of_any_length_are_clipped_where_they_are_echoed() {
+    let t = TestGateway::start().await;
+    let mut watcher = Client::connect(t.mtls_options("watch", &t.admin("watch")))
+        .await
+        .expect("admin connects");
+    watcher.subscribe("admin/events/#", QoS::AtMostOnce).await;
+    let claimed = "z".repeat(65_000);
+    let r = Client::connect(t.password_options(&claimed, &claimed, "secret")).await;
+    assert!(
+        matches!(r, Err(ConnectFailure::Refused(_))),
+        "{:?}",
+        r.err()
+    );
+    let clipped = format!("{}…", &claimed[..onboard::front::identity::MAX_CLAIMED_ID]);
+    // The refusal is recorded under the clipped id, with a detail of bounded length...
+    let event = t.wait_event(&clipped, "auth_refused").await;
+    assert!(event.detail.to_string().len() < 1024, "{}", event.detail);
+    // ...and announced on a topic of ordinary length.
+    let topic = format!("admin/events/{clipped}/auth_refused");
+    assert!(
+        watcher.recv_on(&topic, WAIT).await.is_some(),
+        "announced on {topic}"
+    );
+}

@@ -116,23 +116,38 @@ pub struct Refusal {
     pub detail: String,
 }
 
+/// Longest claimed (unproven) id kept in a refusal: a device id is at most 64 characters.
+pub const MAX_CLAIMED_ID: usize = 64;
+/// Longest refusal detail kept (it may quote what the client sent).
+pub const MAX_DETAIL: usize = 256;
+
+/// `text` cut to at most `max` characters, marked with `…` when it was longer: whatever a
+/// client claims before it is authenticated is echoed (audit rows, event topics, logs) only
+/// this long.
+pub fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((at, _)) => format!("{}…", &text[..at]),
+    }
+}
+
 impl Refusal {
     pub fn new(reason: RefusalReason, claimed_id: Option<&str>, detail: impl Into<String>) -> Self {
         Refusal {
             reason,
-            claimed_id: claimed_id.map(str::to_owned),
-            detail: detail.into(),
+            claimed_id: claimed_id.map(|id| clip(id, MAX_CLAIMED_ID)),
+            detail: clip(&detail.into(), MAX_DETAIL),
         }
     }
 }
 
 impl From<CertRefusal> for Refusal {
     fn from(r: CertRefusal) -> Self {
-        Refusal {
-            reason: RefusalReason::Certificate(r.reason),
-            claimed_id: r.subject_cn,
-            detail: r.detail,
-        }
+        Refusal::new(
+            RefusalReason::Certificate(r.reason),
+            r.subject_cn.as_deref(),
+            r.detail,
+        )
     }
 }
 
@@ -430,5 +445,26 @@ impl Authenticator {
                     .await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_are_clipped_on_a_character_boundary() {
+        assert_eq!(clip("abc", 3), "abc");
+        assert_eq!(clip("abcd", 3), "abc…");
+        assert_eq!(clip("ééééé", 2), "éé…");
+        let long_id = "x".repeat(70_000);
+        let r = Refusal::new(
+            RefusalReason::BadPassword,
+            Some(&long_id),
+            "y".repeat(70_000),
+        );
+        let kept = r.claimed_id.as_deref().map(|c| c.chars().count());
+        assert_eq!(kept, Some(MAX_CLAIMED_ID + 1));
+        assert_eq!(r.detail.chars().count(), MAX_DETAIL + 1);
     }
 }
