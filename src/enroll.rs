@@ -506,7 +506,11 @@ impl Enroller {
                 ))
             }
             Some(d) if d.state != DeviceState::Pending && d.current_serial.is_some() => {
-                if self.config.reenroll == ReenrollPolicy::Deny {
+                // A `failed` enrollment was rolled back: its credential is revoked and the
+                // device may enroll again whatever the policy.
+                let holds_credential =
+                    matches!(d.state, DeviceState::Enrolling | DeviceState::Active);
+                if holds_credential && self.config.reenroll == ReenrollPolicy::Deny {
                     return Err(Rejection::new(
                         ErrorCode::AlreadyEnrolled,
                         format!(

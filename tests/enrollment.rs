@@ -513,6 +513,27 @@ async fn reenrollment_can_be_denied() {
 }
 
 #[tokio::test]
+async fn a_timed_out_enrollment_may_enroll_again_when_reenrollment_is_denied() {
+    let t = TestGateway::start_with(|c| {
+        c.enrollment.reenroll = onboard::config::ReenrollPolicy::Deny;
+        c.enrollment.activation_timeout_secs = 1;
+    })
+    .await;
+    let first = t.enroll("lapse-1", json!({"request_id": "a"})).await;
+    assert_eq!(first["status"], "accepted", "{first}");
+    // The device never reports: the enrollment is rolled back...
+    wait_state(&t, "lapse-1", DeviceState::Failed).await;
+    // ...and the contract lets a failed device enroll again.
+    let again = t.enroll("lapse-1", json!({"request_id": "b"})).await;
+    assert_eq!(again["status"], "accepted", "{again}");
+    assert_ne!(
+        again["credential"]["certificate_pem"], first["credential"]["certificate_pem"],
+        "a new credential"
+    );
+    wait_state(&t, "lapse-1", DeviceState::Enrolling).await;
+}
+
+#[tokio::test]
 async fn several_factory_cas_and_device_ids_in_a_san() {
     // A second device maker's CA, added to [pki] factory_cas.
     let mut t = TestGateway::start().await;
