@@ -153,6 +153,8 @@ pub struct LimitsConfig {
     pub max_queued_per_device: usize,
     /// A client whose socket accepts nothing for this long is disconnected (it stopped reading).
     pub write_timeout_ms: u64,
+    /// Credentials one device may be issued (enrollments and renewals) per rolling hour.
+    pub credentials_per_device_per_hour: u32,
 }
 
 impl Default for LimitsConfig {
@@ -161,6 +163,7 @@ impl Default for LimitsConfig {
             max_retained_bytes: 16 * 1024,
             max_queued_per_device: 100,
             write_timeout_ms: 10_000,
+            credentials_per_device_per_hour: 10,
         }
     }
 }
@@ -308,6 +311,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "broker.internal_listeners",
                 message: "must be between 1 and 64".into(),
+            });
+        }
+        if self.limits.credentials_per_device_per_hour == 0 {
+            return Err(ConfigError::Invalid {
+                key: "limits.credentials_per_device_per_hour",
+                message: "must be at least 1".into(),
             });
         }
         if self.store.url.trim().is_empty() {

@@ -26,6 +26,7 @@ use crate::front::session::Sessions;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::pki::{CsrError, Pki};
+use crate::quota::IssueQuota;
 use crate::store::{
     AuditEvent, Credential, CredentialKind, DeviceState, EnrollmentCommit, Store, StoreError,
 };
@@ -355,6 +356,8 @@ pub struct Enroller {
     /// without one are replayed from the store.
     answered: DashMap<(String, String), Answered>,
     rate: RateLimit,
+    /// Credentials per device per hour.
+    quota: IssueQuota,
 }
 
 impl Enroller {
@@ -384,7 +387,16 @@ impl Enroller {
             locks: DashMap::new(),
             answered: DashMap::new(),
             rate,
+            quota: IssueQuota {
+                per_window: u32::MAX,
+            },
         }
+    }
+
+    /// Limit the credentials issued to one device per hour (enrollments and renewals).
+    pub fn with_quota(mut self, quota: IssueQuota) -> Enroller {
+        self.quota = quota;
+        self
     }
 
     fn answer_ttl(&self) -> Duration {
@@ -522,6 +534,9 @@ impl Enroller {
                 reenrolled_from = Some(d.state);
             }
             _ => {}
+        }
+        if device.is_some() {
+            self.check_quota(device_id).await?;
         }
 
         // Issue the credential.
@@ -750,6 +765,24 @@ impl Enroller {
             );
         }
         Ok((response, "accepted"))
+    }
+
+    /// Refuse (`rate_limited`) a device that was issued its hourly share of credentials.
+    async fn check_quota(&self, device_id: &str) -> Result<(), Rejection> {
+        let issued = self
+            .metrics
+            .store_op("credentials_of", self.store.credentials_of(device_id))
+            .await
+            .map_err(|e| Rejection::from_store(&e))?;
+        self.quota
+            .check(&issued, OffsetDateTime::now_utc())
+            .map_err(|after| {
+                Rejection::retry(
+                    ErrorCode::RateLimited,
+                    "this device was issued its hourly share of credentials; retry later",
+                    after,
+                )
+            })
     }
 
     fn cert_row(

@@ -26,6 +26,7 @@ use crate::lifecycle::Lifecycle;
 use crate::mailbox::{self, Mailboxes};
 use crate::metrics::{self, Metrics};
 use crate::pki::Pki;
+use crate::quota::IssueQuota;
 use crate::store::{self, Store};
 use crate::templates::Templates;
 use crate::topics::{self, ForGateway};
@@ -173,6 +174,9 @@ impl Gateway {
             metrics.session_queue_dropped.clone(),
         ));
         let bus = Bus::new(mailboxes.clone(), broker.link.clone());
+        let quota = IssueQuota {
+            per_window: config.limits.credentials_per_device_per_hour,
+        };
         let audit = Auditor::start(store.clone(), bus.clone(), metrics.clone());
         let lifecycle = Arc::new(Lifecycle::new(
             store.clone(),
@@ -184,26 +188,32 @@ impl Gateway {
             Duration::from_millis(config.lifecycle.sweep_interval_ms.max(10)),
             config.store.pending_queue,
         ));
-        let admin = Arc::new(Admin::new(
-            pki.clone(),
-            store.clone(),
-            metrics.clone(),
-            audit.clone(),
-            bus.clone(),
-            sessions.clone(),
-            config.lifecycle.clone(),
-        ));
-        let enroller = Arc::new(Enroller::new(
-            pki.clone(),
-            store.clone(),
-            metrics.clone(),
-            audit.clone(),
-            bus.clone(),
-            sessions.clone(),
-            lifecycle.clone(),
-            templates,
-            config.enrollment.clone(),
-        ));
+        let admin = Arc::new(
+            Admin::new(
+                pki.clone(),
+                store.clone(),
+                metrics.clone(),
+                audit.clone(),
+                bus.clone(),
+                sessions.clone(),
+                config.lifecycle.clone(),
+            )
+            .with_quota(quota),
+        );
+        let enroller = Arc::new(
+            Enroller::new(
+                pki.clone(),
+                store.clone(),
+                metrics.clone(),
+                audit.clone(),
+                bus.clone(),
+                sessions.clone(),
+                lifecycle.clone(),
+                templates,
+                config.enrollment.clone(),
+            )
+            .with_quota(quota),
+        );
 
         // rumqttd keeps nothing across restarts: republish what the store says is retained.
         let republished = admin.republish_retained().await?;

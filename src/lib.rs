@@ -24,6 +24,7 @@
 //! - [`lifecycle`]: activation, deadlines, rollback.
 //! - [`admin`]: the admin plane (config, rollback, firmware, revoke, reinstate) and renewals.
 //! - [`audit`]: the audit log's writer and its live view on `admin/events/...`.
+//! - [`quota`]: how many credentials one device may be issued per hour.
 //! - [`import`]: bulk provisioning from CSV.
 //! - [`store`]: the inventory trait with its `sqlite` and `mssql` backends.
 //! - [`metrics`]: Prometheus registry and the `/metrics`, `/healthz`, `/readyz` endpoint.
@@ -46,6 +47,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod password;
 pub mod pki;
+pub mod quota;
 pub mod simulate;
 pub mod store;
 pub mod templates;

@@ -1100,3 +1100,22 @@ async fn failed_acks_do_not_roll_back_when_disabled() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn renewals_count_against_the_hourly_share_of_credentials() {
+    let t = TestGateway::start_with(|c| c.limits.credentials_per_device_per_hour = 2).await;
+    let id = "rn-quota";
+    // The enrollment was one credential; one renewal makes two.
+    let (mut device, _) = active_device(&t, id).await;
+    let (csr, _) = csr_for(id);
+    let first = renew(&mut device, id, "n1", &csr).await;
+    assert_eq!(first["status"], "accepted", "{first}");
+    let limited = renew(&mut device, id, "n2", &csr).await;
+    assert_eq!(limited["error"]["code"], "rate_limited", "{limited}");
+    assert!(limited["error"]["retry_after_ms"]
+        .as_u64()
+        .is_some_and(|ms| ms > 0));
+    assert_eq!(t.gw.store.credentials_of(id).await.unwrap().len(), 2);
+    let event = t.wait_event(id, "renewal_rejected").await;
+    assert_eq!(event.detail["code"], "rate_limited");
+}

@@ -616,3 +616,51 @@ async fn over_the_rate_limit_requests_are_told_when_to_retry() {
     assert!(accepted >= 1, "{codes:?}");
     assert_eq!(t.gw.store.credentials_of(id).await.unwrap().len(), accepted);
 }
+
+#[tokio::test]
+async fn one_factory_certificate_cannot_mint_unlimited_credentials() {
+    let t = TestGateway::start_with(|c| c.limits.credentials_per_device_per_hour = 3).await;
+    let id = "mint-1";
+    let mut c = Client::connect(t.mtls_options(id, &t.factory(id)))
+        .await
+        .expect("factory connection");
+    for n in 0..3 {
+        let r = c
+            .request_enroll(id, &json!({ "request_id": format!("r-{n}") }))
+            .await;
+        assert_eq!(r["status"], "accepted", "{r}");
+    }
+    // Fresh request ids beyond the hourly share: refused, with a time to come back.
+    for n in 3..6 {
+        let r = c
+            .request_enroll(id, &json!({ "request_id": format!("r-{n}") }))
+            .await;
+        assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+        let after = r["error"]["retry_after_ms"]
+            .as_u64()
+            .expect("retry_after_ms");
+        assert!(after > 0 && after <= 3_600_000, "{after}");
+    }
+    // A retry of an answered request is still answered.
+    let again = c.request_enroll(id, &json!({ "request_id": "r-0" })).await;
+    assert_eq!(again["status"], "accepted", "{again}");
+    // Nothing was issued past the limit, every refusal is audited and counted...
+    assert_eq!(t.gw.store.credentials_of(id).await.unwrap().len(), 3);
+    eventually("refusals audited", || async {
+        t.events(id)
+            .await
+            .iter()
+            .filter(|e| e.event == "enrollment_rejected" && e.detail["code"] == "rate_limited")
+            .count()
+            == 3
+    })
+    .await;
+    assert_eq!(
+        t.metric(r#"onboard_enrollment_requests_total{reason="rate_limited",result="rejected"}"#)
+            .await,
+        3.0
+    );
+    // ...and the other devices are not affected.
+    let other = t.enroll("mint-2", json!({ "request_id": "r" })).await;
+    assert_eq!(other["status"], "accepted", "{other}");
+}

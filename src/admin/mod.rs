@@ -33,6 +33,7 @@ use crate::config::LifecycleConfig;
 use crate::front::session::Sessions;
 use crate::metrics::Metrics;
 use crate::pki::Pki;
+use crate::quota::IssueQuota;
 use crate::store::{AuditEvent, Device, DeviceConfig, DeviceState, Store, StoreError};
 use crate::topics;
 
@@ -256,6 +257,8 @@ pub struct Admin {
     /// reports race.
     firmware_reports: tokio::sync::Mutex<()>,
     renewals: renew::Renewals,
+    /// Credentials per device per hour (renewals count with enrollments).
+    quota: IssueQuota,
 }
 
 impl Admin {
@@ -280,12 +283,21 @@ impl Admin {
             config_writes: tokio::sync::Mutex::new(()),
             firmware_reports: tokio::sync::Mutex::new(()),
             renewals: renew::Renewals::default(),
+            quota: IssueQuota {
+                per_window: u32::MAX,
+            },
         }
     }
 
-    /// Publish every device's retained configuration, and its unfinished firmware job, from the
-    /// store (rumqttd keeps nothing across restarts). Returns how many configurations were
-    /// published.
+    /// Limit the credentials issued to one device per hour (renewals and enrollments).
+    pub fn with_quota(mut self, quota: IssueQuota) -> Admin {
+        self.quota = quota;
+        self
+    }
+
+    /// Retain every device's configuration, and its unfinished firmware job, again from the
+    /// store (nothing retained survives a restart). Returns how many configurations were
+    /// restored.
     pub async fn republish_retained(&self) -> Result<usize, StoreError> {
         let mut restored = 0;
         let mut after = String::new();

@@ -104,6 +104,27 @@ fn unavailable(request_id: &str, e: &StoreError) -> Value {
 }
 
 impl Admin {
+    /// `Err` with the `rate_limited` answer when `device_id` was issued its hourly share of
+    /// credentials.
+    async fn within_quota(&self, device_id: &str, request_id: &str) -> Result<(), Value> {
+        let issued = self
+            .metrics
+            .store_op("credentials_of", self.store.credentials_of(device_id))
+            .await
+            .map_err(|e| unavailable(request_id, &e))?;
+        self.quota
+            .check(&issued, OffsetDateTime::now_utc())
+            .map_err(|after| {
+                let mut v = rejected(
+                    Some(request_id),
+                    "rate_limited",
+                    "this device was issued its hourly share of credentials; retry later",
+                );
+                v["error"]["retry_after_ms"] = json!(after);
+                v
+            })
+    }
+
     /// A renewal request of `device_id`; always answered on `devices/D/cert/response`.
     pub async fn renew(&self, device_id: &str, payload: &[u8]) {
         let response = self.renewal_answer(device_id, payload).await;
@@ -205,6 +226,9 @@ impl Admin {
                     format!("only an active device renews its certificate (this one is {other})"),
                 )
             }
+        }
+        if let Err(answer) = self.within_quota(device_id, &request_id).await {
+            return answer;
         }
         let cert = match self.pki.sign_csr(device_id, &request.csr) {
             Ok(c) => c,
