@@ -25,7 +25,7 @@ use crate::config::{EnrollmentConfig, EnrollmentMode, ReenrollPolicy};
 use crate::front::session::Sessions;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::pki::{CsrError, Pki};
+use crate::pki::{CsrError, Pki, Role};
 use crate::quota::IssueQuota;
 use crate::store::{
     AuditEvent, Credential, CredentialKind, DeviceState, EnrollmentCommit, Store, StoreError,
@@ -711,6 +711,7 @@ impl Enroller {
             response: stored_response,
             events: events.clone(),
         };
+        let revokes_others = commit.revoke_others.is_some();
         match self
             .metrics
             .store_op("commit_enrollment", self.store.commit_enrollment(commit))
@@ -739,6 +740,10 @@ impl Enroller {
                 ));
             }
             Err(e) => return Err(Rejection::from_store(&e)),
+        }
+        if revokes_others {
+            // The credentials just revoked may not keep a live session.
+            self.sessions.disconnect_role(device_id, Role::Device);
         }
         for event in &events {
             self.audit.announce(event);

@@ -664,3 +664,25 @@ async fn one_factory_certificate_cannot_mint_unlimited_credentials() {
     let other = t.enroll("mint-2", json!({ "request_id": "r" })).await;
     assert_eq!(other["status"], "accepted", "{other}");
 }
+
+#[tokio::test]
+async fn a_credential_revoked_by_reenrollment_loses_its_live_session() {
+    let t = TestGateway::start().await;
+    let id = "sup-1";
+    let (csr, key) = csr_for(id);
+    let first = t.enroll(id, json!({"request_id": "a", "csr": csr})).await;
+    // Connected with its first credential, but never reported: still enrolling.
+    let mut first_session = Client::connect(t.mtls_options(id, &issued(&first, &key)))
+        .await
+        .expect("first credential connects");
+    // The device is reset and enrolls again: the unused first credential is revoked at once,
+    // and the session that used it is closed.
+    let second = t.enroll(id, json!({"request_id": "b"})).await;
+    assert_eq!(second["status"], "accepted", "{second}");
+    assert!(
+        first_session.closed_within(WAIT).await,
+        "the session of the revoked credential was closed"
+    );
+    let refused = Client::connect(t.mtls_options(id, &issued(&first, &key))).await;
+    assert!(refused.is_err(), "the revoked credential is refused");
+}

@@ -84,6 +84,18 @@ impl Sessions {
             .unwrap_or(0)
     }
 
+    /// Disconnect every session of a device in one role. Returns how many.
+    pub fn disconnect_role(&self, key: &str, role: Role) -> usize {
+        self.by_id
+            .get(key)
+            .map(|entries| {
+                let matching: Vec<_> = entries.iter().filter(|e| e.role == role).collect();
+                matching.iter().for_each(|e| e.kill.cancel());
+                matching.len()
+            })
+            .unwrap_or(0)
+    }
+
     /// Disconnect the sessions that use one credential.
     pub fn disconnect_serial(&self, key: &str, serial: &str) -> usize {
         self.by_id
