@@ -118,12 +118,11 @@ struct Hooks {
     admin: Arc<Admin>,
 }
 
+#[async_trait::async_trait]
 impl FrontHooks for Hooks {
-    fn device_reported(&self, device_id: &str, serial: &str) {
-        let lifecycle = self.lifecycle.clone();
-        let (device_id, serial) = (device_id.to_owned(), serial.to_owned());
+    async fn device_reported(&self, device_id: &str, serial: &str) {
         let at = time::OffsetDateTime::now_utc();
-        tokio::spawn(async move { lifecycle.activate(&device_id, &serial, at).await });
+        self.lifecycle.activate(device_id, serial, at).await;
     }
 
     fn credential_first_use(&self, device_id: &str, serial: &str) {
@@ -329,11 +328,23 @@ impl Gateway {
         self.shutdown.clone()
     }
 
-    /// Stop accepting, close every client connection, and wait for the tasks to end.
+    /// Stop accepting, close every client connection, wait for the tasks to end, and write
+    /// the activation marks still queued for the store (if it is back).
     pub async fn stop(self) {
         self.shutdown.cancel();
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        let queued = self.lifecycle.queued_activations();
+        if queued > 0 {
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.lifecycle.sweep()).await;
+            let left = self.lifecycle.queued_activations();
+            if left > 0 {
+                tracing::error!(
+                    left,
+                    "activation marks not written before stopping: the store is still down"
+                );
+            }
         }
     }
 }

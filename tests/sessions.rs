@@ -1073,3 +1073,30 @@ async fn past_max_connections_a_client_is_refused_at_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_first_report_is_acknowledged_only_once_the_store_holds_the_activation() {
+    let t = TestGateway::start().await;
+    let id = "ack-1";
+    let (csr, key) = csr_for(id);
+    let resp = t
+        .enroll(id, json!({ "request_id": "r1", "csr": csr }))
+        .await;
+    assert_eq!(resp["status"], "accepted", "{resp}");
+    let (mut raw, _) = Raw::connect(&t, &issued(&resp, &key), connect_packet(id, true, None)).await;
+    let mut report = Publish::new(format!("devices/{id}/telemetry"), QoS::AtLeastOnce, "{}");
+    report.pkid = 7;
+    raw.send(Packet::Publish(report)).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match raw.next(left).await {
+            Some(Packet::PubAck(ack)) if ack.pkid == 7 => break,
+            Some(_) => {}
+            None => panic!("no PUBACK for the first report"),
+        }
+    }
+    // Told that its report arrived, the device is active: at once, not eventually.
+    let device = t.gw.store.device(id).await.expect("store").expect("device");
+    assert_eq!(device.state, DeviceState::Active);
+}

@@ -59,9 +59,12 @@ pub struct Inbound {
 }
 
 /// What the rest of the gateway wants to hear from the front.
+#[async_trait::async_trait]
 pub trait FrontHooks: Send + Sync + 'static {
     /// A device that is awaiting activation published its first report over its new credential.
-    fn device_reported(&self, device_id: &str, serial: &str);
+    /// Awaited before the report is acknowledged: a device told its report arrived is active
+    /// in the store (or queued for it while the store is down).
+    async fn device_reported(&self, device_id: &str, serial: &str);
     /// A device connected for the first time with a credential issued by renewal.
     fn credential_first_use(&self, device_id: &str, serial: &str);
     /// An admin published a command on `admin/devices/D/...` or `admin/firmware`.

@@ -25,7 +25,6 @@ use super::identity::{Identity, Refusal, RefusalReason};
 use super::rules::{self, Action, Decision};
 use super::{read_frame, Admitted, End, Front, READ_BUFFER};
 use crate::mailbox::{Message, SessionKey};
-use crate::pki::Role;
 use crate::topics::{self, Route};
 
 /// How often a keepalive-0 client's broker session is pinged on its behalf (rumqttd has no
@@ -155,7 +154,6 @@ impl Front {
         W: AsyncWrite + Unpin,
     {
         let who = &identity.principal;
-        let mut awaiting_activation = identity.awaiting_activation;
         let mut pinger = tokio::time::interval(KEEPALIVE_ZERO_PING);
         pinger.reset();
         loop {
@@ -184,11 +182,7 @@ impl Front {
                             let _ = broker.write_all(&buf[..pass]).await;
                             return End::Denied(topic, why);
                         }
-                        if awaiting_activation && rules::is_activation_report(&who.id, topic) {
-                            awaiting_activation = false;
-                            self.hooks.device_reported(&who.id, &identity.serial);
-                        }
-                        if who.role == Role::Admin && rules::is_admin_command(topic) {
+                        if rules::is_admin_command(topic) {
                             let payload = Bytes::copy_from_slice(&bytes[payload_at..]);
                             self.hooks.admin_command(&who.id, topic, payload);
                         }

@@ -251,7 +251,10 @@ impl Served<'_> {
         let who = &identity.principal;
         if self.awaiting_activation && rules::is_activation_report(&who.id, topic) {
             self.awaiting_activation = false;
-            self.front.hooks.device_reported(&who.id, &identity.serial);
+            self.front
+                .hooks
+                .device_reported(&who.id, &identity.serial)
+                .await;
         }
         if topics::is_for_gateway(topic) {
             let inbound = Inbound {
