@@ -666,3 +666,84 @@ async fn unproven_ids_of_any_length_are_clipped_where_they_are_echoed() {
         "announced on {topic}"
     );
 }
+
+/// CONNECT as `id` (clean session, keepalive 60 s) and read the answer: the CONNACK code, or
+/// `None` when the server closed the connection first.
+async fn connect_over<S>(stream: &mut S, id: &str) -> Option<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut connect = vec![0x10, (12 + id.len()) as u8, 0, 4];
+    connect.extend_from_slice(b"MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 60, 0, id.len() as u8]);
+    connect.extend_from_slice(id.as_bytes());
+    stream.write_all(&connect).await.ok()?;
+    let mut connack = [0u8; 4];
+    match tokio::time::timeout(WAIT, stream.read_exact(&mut connack)).await {
+        Ok(Ok(_)) => Some(connack[3]),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_resumed_tls_session_does_not_outlive_its_certificate() {
+    let t = TestGateway::start().await;
+    let id = "resume-1";
+    let now = OffsetDateTime::now_utc();
+    let expires = now + time::Duration::seconds(3);
+    let options = CertOptions {
+        not_before: now - time::Duration::hours(1),
+        not_after: expires,
+        ..CertOptions::valid_for_days(1)
+    };
+    let cert = t.factory_with(id, &options);
+    // One client configuration for both connections: the second resumes the first's session.
+    let tls = client_tls(
+        &t.server_ca_pem(),
+        Some((&cert.certificate_pem, &cert.private_key_pem)),
+    );
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let tcp = tokio::net::TcpStream::connect(t.gw.mtls_addr)
+        .await
+        .unwrap();
+    let mut first = connector
+        .connect(name.clone(), tcp)
+        .await
+        .expect("handshake");
+    assert_eq!(
+        connect_over(&mut first, id).await,
+        Some(0),
+        "valid: accepted"
+    );
+    drop(first);
+
+    let wait = expires - OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    tokio::time::sleep(wait.try_into().unwrap_or_default()).await;
+    let before = t
+        .metric(r#"onboard_auth_failures_total{reason="expired"}"#)
+        .await;
+    let tcp = tokio::net::TcpStream::connect(t.gw.mtls_addr)
+        .await
+        .unwrap();
+    let mut second = connector
+        .connect(name, tcp)
+        .await
+        .expect("resumed handshake");
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the session was resumed, so the handshake did not check the certificate"
+    );
+    assert_eq!(
+        connect_over(&mut second, id).await,
+        None,
+        "an expired certificate is refused on a resumed session too"
+    );
+    eventually("refusal counted", || async {
+        t.metric(r#"onboard_auth_failures_total{reason="expired"}"#)
+            .await
+            > before
+    })
+    .await;
+}

@@ -197,6 +197,18 @@ impl TrustStore {
             ));
         };
         let (leaf, common_name, role) = self.classify(end_entity, intermediates)?;
+        // A resumed TLS session carries the certificate of the handshake that created it,
+        // unverified since: its validity must hold now, on every connection.
+        let validity = leaf.validity();
+        let now = time::OffsetDateTime::now_utc();
+        if now > validity.not_after.to_datetime() {
+            let detail = format!("certificate expired at {}", validity.not_after);
+            return Err(refusal(CertRefusalReason::Expired, common_name, detail));
+        }
+        if now < validity.not_before.to_datetime() {
+            let detail = format!("certificate not valid before {}", validity.not_before);
+            return Err(refusal(CertRefusalReason::NotYetValid, common_name, detail));
+        }
         let mut alt_names = Vec::new();
         if let Ok(Some(san)) = leaf.subject_alternative_name() {
             for name in &san.value.general_names {
