@@ -470,8 +470,8 @@ impl Enroller {
         req: Validated,
     ) -> Result<(Value, &'static str), Rejection> {
         let key = (device_id.to_owned(), req.request_id.clone());
-        if let Some(answer) = self.answered.get(&key) {
-            return Ok((answer.response.clone(), "duplicate"));
+        if let Some(answer) = self.remembered(&key) {
+            return Ok((answer, "duplicate"));
         }
         if let Err(after) = self.rate.check() {
             return Err(Rejection::retry(
@@ -482,8 +482,8 @@ impl Enroller {
         }
         let lock = self.locks.entry(device_id.to_owned()).or_default().clone();
         let _guard = lock.lock().await;
-        if let Some(answer) = self.answered.get(&key) {
-            return Ok((answer.response.clone(), "duplicate"));
+        if let Some(answer) = self.remembered(&key) {
+            return Ok((answer, "duplicate"));
         }
         let stored = self
             .metrics
@@ -494,7 +494,9 @@ impl Enroller {
             .await
             .map_err(|e| Rejection::from_store(&e))?;
         if let Some(stored) = stored {
-            // Answered before a restart: the same answer, without secrets we no longer hold.
+            // Answered before (a restart, or the device activated since): the same answer,
+            // without secrets we no longer hold; unless what it answered was undone.
+            self.still_valid(&stored.serial).await?;
             return Ok((stored.response, "duplicate"));
         }
 
@@ -770,6 +772,33 @@ impl Enroller {
             );
         }
         Ok((response, "accepted"))
+    }
+
+    /// The full answer remembered for `key`, while the enrollment it answered still awaits
+    /// activation (rolled back, it answers nothing any more).
+    fn remembered(&self, key: &(String, String)) -> Option<Value> {
+        let answer = self.answered.get(key)?;
+        self.lifecycle
+            .is_awaiting(&key.0)
+            .then(|| answer.response.clone())
+    }
+
+    /// Refuse the replay of an answer whose credential was revoked since (the enrollment was
+    /// rolled back, timed out or replaced): it must not come back as `accepted`.
+    async fn still_valid(&self, serial: &str) -> Result<(), Rejection> {
+        let credential = self
+            .metrics
+            .store_op("credential", self.store.credential(serial))
+            .await
+            .map_err(|e| Rejection::from_store(&e))?;
+        match credential {
+            Some(c) if c.is_revoked() => Err(Rejection::new(
+                ErrorCode::MalformedRequest,
+                "this request_id answered an enrollment that was rolled back or replaced; \
+                 send a new request_id",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Refuse (`rate_limited`) a device that was issued its hourly share of credentials.

@@ -686,3 +686,21 @@ async fn a_credential_revoked_by_reenrollment_loses_its_live_session() {
     let refused = Client::connect(t.mtls_options(id, &issued(&first, &key))).await;
     assert!(refused.is_err(), "the revoked credential is refused");
 }
+
+#[tokio::test]
+async fn a_replayed_request_id_never_returns_a_rolled_back_credential() {
+    let t = TestGateway::start_with(|c| c.enrollment.activation_timeout_secs = 1).await;
+    let id = "replay-1";
+    let (csr, _) = csr_for(id);
+    let first = t.enroll(id, json!({"request_id": "r", "csr": csr})).await;
+    assert_eq!(first["status"], "accepted", "{first}");
+    wait_state(&t, id, DeviceState::Failed).await;
+    // The same request again, after the rollback revoked what it was answered with.
+    let replay = t.enroll(id, json!({"request_id": "r", "csr": csr})).await;
+    assert_ne!(replay["status"], "accepted", "{replay}");
+    assert_eq!(replay["error"]["code"], "malformed_request", "{replay}");
+    assert_eq!(t.gw.store.credentials_of(id).await.unwrap().len(), 1);
+    // A new request id enrolls the device again.
+    let fresh = t.enroll(id, json!({"request_id": "r2"})).await;
+    assert_eq!(fresh["status"], "accepted", "{fresh}");
+}
