@@ -75,35 +75,25 @@ impl Sessions {
 
     /// Disconnect every session of a device (any role). Returns how many.
     pub fn disconnect(&self, key: &str) -> usize {
-        self.by_id
-            .get(key)
-            .map(|entries| {
-                entries.iter().for_each(|e| e.kill.cancel());
-                entries.len()
-            })
-            .unwrap_or(0)
+        self.disconnect_where(key, |_| true)
     }
 
     /// Disconnect every session of a device in one role. Returns how many.
     pub fn disconnect_role(&self, key: &str, role: Role) -> usize {
-        self.by_id
-            .get(key)
-            .map(|entries| {
-                let matching: Vec<_> = entries.iter().filter(|e| e.role == role).collect();
-                matching.iter().for_each(|e| e.kill.cancel());
-                matching.len()
-            })
-            .unwrap_or(0)
+        self.disconnect_where(key, |e| e.role == role)
     }
 
     /// Disconnect the sessions that use one credential.
     pub fn disconnect_serial(&self, key: &str, serial: &str) -> usize {
+        self.disconnect_where(key, |e| e.serial == serial)
+    }
+
+    fn disconnect_where(&self, key: &str, matching: impl Fn(&Entry) -> bool) -> usize {
         self.by_id
             .get(key)
             .map(|entries| {
-                let matching: Vec<_> = entries.iter().filter(|e| e.serial == serial).collect();
-                matching.iter().for_each(|e| e.kill.cancel());
-                matching.len()
+                let ended = entries.iter().filter(|e| matching(e));
+                ended.map(|e| e.kill.cancel()).count()
             })
             .unwrap_or(0)
     }
