@@ -138,8 +138,34 @@ impl Lifecycle {
         self.queue().len()
     }
 
-    /// The device reported over `serial`: mark it active.
+    /// The device reported over `serial`: mark it active, or queue the mark while the store
+    /// is down.
     pub async fn activate(&self, device_id: &str, serial: &str, reported_at: OffsetDateTime) {
+        let Err(e) = self.record_activation(device_id, serial, reported_at).await else {
+            return;
+        };
+        let mut queue = self.queue();
+        if queue.len() >= self.queue_limit {
+            self.metrics.activation_queue_dropped.inc();
+            tracing::error!(device_id, serial, error = %e, "store down and activation queue full; activation mark dropped");
+        } else {
+            tracing::warn!(device_id, serial, error = %e, "store down; activation queued");
+            queue.push_back(QueuedActivation {
+                device_id: device_id.to_owned(),
+                serial: serial.to_owned(),
+                reported_at,
+            });
+        }
+    }
+
+    /// Write one activation mark. `Err` only when the store is down (the mark should wait);
+    /// any other outcome is final.
+    async fn record_activation(
+        &self,
+        device_id: &str,
+        serial: &str,
+        reported_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
         let issued_at = self
             .watches()
             .get(device_id)
@@ -176,22 +202,10 @@ impl Lifecycle {
                     "report from a device that is not awaiting this credential"
                 );
             }
-            Err(e) if e.is_transient() => {
-                let mut queue = self.queue();
-                if queue.len() >= self.queue_limit {
-                    self.metrics.activation_queue_dropped.inc();
-                    tracing::error!(device_id, serial, error = %e, "store down and activation queue full; activation mark dropped");
-                } else {
-                    tracing::warn!(device_id, serial, error = %e, "store down; activation queued");
-                    queue.push_back(QueuedActivation {
-                        device_id: device_id.to_owned(),
-                        serial: serial.to_owned(),
-                        reported_at,
-                    });
-                }
-            }
+            Err(e) if e.is_transient() => return Err(e),
             Err(e) => tracing::error!(device_id, serial, error = %e, "activation not recorded"),
         }
+        Ok(())
     }
 
     /// Roll back an enrollment whose deadline passed: revoke, clear retained config, `failed`.
@@ -243,9 +257,17 @@ impl Lifecycle {
 
     /// One pass: write queued activations, then roll back what is overdue.
     pub async fn sweep(&self) {
-        let queued: Vec<QueuedActivation> = self.queue().drain(..).collect();
+        // Queued marks stay queued until written (the queue is what still waits for the store).
+        let queued: Vec<QueuedActivation> = self.queue().iter().cloned().collect();
         for q in queued {
-            self.activate(&q.device_id, &q.serial, q.reported_at).await;
+            if self
+                .record_activation(&q.device_id, &q.serial, q.reported_at)
+                .await
+                .is_err()
+            {
+                break; // still down: the rest waits for the next sweep
+            }
+            self.queue().retain(|other| other != &q);
         }
         let now = OffsetDateTime::now_utc();
         let due: Vec<(String, String)> = {
