@@ -31,8 +31,9 @@ use crate::store::{self, Store};
 use crate::templates::Templates;
 use crate::topics::{self, ForGateway};
 
-/// Enrollment requests processed at once; more wait their turn.
-const ENROLL_CONCURRENCY: usize = 256;
+/// Messages for the gateway (enrollment requests, acks, renewals) handled at once; more wait
+/// their turn in the inbox.
+const GATEWAY_CONCURRENCY: usize = 256;
 /// Messages for the gateway (enrollment requests, acks, renewals) waiting to be handled; a
 /// full inbox makes the publishing connections wait.
 const INBOX: usize = 4096;
@@ -350,47 +351,47 @@ impl Gateway {
 }
 
 /// Route what clients publish for the gateway. The topic's device id is authenticated:
-/// the front lets only device D publish under `enroll/D/` and `devices/D/`.
+/// the front lets only device D publish under `enroll/D/` and `devices/D/`. At most
+/// [`GATEWAY_CONCURRENCY`] messages are handled at once, whatever their kind: a device flooding
+/// config acks or renewals waits in the bounded inbox like everyone else, and can never start
+/// unbounded store work.
 async fn dispatch(
     mut inbox: tokio::sync::mpsc::Receiver<Inbound>,
     enroller: Arc<Enroller>,
     admin: Arc<Admin>,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(ENROLL_CONCURRENCY));
+    let slots = Arc::new(Semaphore::new(GATEWAY_CONCURRENCY));
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return,
             m = inbox.recv() => match m { Some(m) => m, None => return },
         };
-        let Some(target) = topics::for_gateway(&message.topic) else {
+        if topics::for_gateway(&message.topic).is_none() {
             continue;
-        };
-        let admin = admin.clone();
-        match target {
-            ForGateway::EnrollRequest(id) => {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (enroller, id) = (enroller.clone(), id.to_owned());
-                tokio::spawn(async move {
-                    enroller.handle(&id, &message.payload).await;
-                    drop(permit);
-                });
-            }
-            ForGateway::ConfigAck(id) => {
-                let id = id.to_owned();
-                tokio::spawn(async move { admin.config_ack(&id, &message.payload).await });
-            }
-            ForGateway::FirmwareStatus(id) => {
-                let id = id.to_owned();
-                tokio::spawn(async move { admin.firmware_status(&id, &message.payload).await });
-            }
-            ForGateway::CertRenew(id) => {
-                let id = id.to_owned();
-                tokio::spawn(async move { admin.renew(&id, &message.payload).await });
-            }
         }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (enroller, admin) = (enroller.clone(), admin.clone());
+        tokio::spawn(async move {
+            handle(&message, &enroller, &admin).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Act on one message for the gateway.
+async fn handle(message: &Inbound, enroller: &Enroller, admin: &Admin) {
+    let payload = &message.payload;
+    match topics::for_gateway(&message.topic) {
+        Some(ForGateway::EnrollRequest(id)) => {
+            enroller.handle(id, payload).await;
+        }
+        Some(ForGateway::ConfigAck(id)) => admin.config_ack(id, payload).await,
+        Some(ForGateway::FirmwareStatus(id)) => admin.firmware_status(id, payload).await,
+        Some(ForGateway::CertRenew(id)) => admin.renew(id, payload).await,
+        None => {}
     }
 }
 
