@@ -374,6 +374,14 @@ impl Attached {
         }
     }
 
+    /// Whether the session holds `filter` already.
+    pub fn holds(&self, filter: &str) -> bool {
+        lock(&self.session)
+            .subscriptions
+            .iter()
+            .any(|s| &*s.filter == filter)
+    }
+
     /// Filters the session holds.
     pub fn subscriptions(&self) -> usize {
         lock(&self.session).subscriptions.len()

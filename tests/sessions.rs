@@ -113,18 +113,9 @@ async fn send_commands(admin: &mut Client, topic: &str, payloads: &[&str]) {
     }
 }
 
-/// Publish an admin command and wait for its reply.
+/// An admin command that must succeed.
 async fn command(admin: &mut Client, topic: &str, body: Value) -> Value {
-    let id = body["request_id"].as_str().expect("request_id").to_owned();
-    admin
-        .publish(
-            topic,
-            QoS::AtLeastOnce,
-            false,
-            serde_json::to_vec(&body).expect("JSON"),
-        )
-        .await;
-    let reply = admin.recv_json(&format!("admin/responses/{id}")).await;
+    let reply = admin_command(admin, topic, body).await;
     assert_eq!(reply["status"], "ok", "{reply}");
     reply
 }
@@ -1099,4 +1090,41 @@ async fn a_first_report_is_acknowledged_only_once_the_store_holds_the_activation
     // Told that its report arrived, the device is active: at once, not eventually.
     let device = t.gw.store.device(id).await.expect("store").expect("device");
     assert_eq!(device.state, DeviceState::Active);
+}
+
+#[tokio::test]
+async fn a_session_holds_at_most_64_filters() {
+    let t = TestGateway::start().await;
+    let id = "subs-1";
+    let cred = active_device(&t, id).await;
+    let mut d = Client::connect(device_options(&t, id, &cred, true))
+        .await
+        .expect("device connects");
+    let filters: Vec<String> = (0..=onboard::front::MAX_SUBSCRIPTIONS)
+        .map(|n| format!("devices/{id}/commands/c{n}"))
+        .collect();
+    let wanted: Vec<(&str, QoS)> = filters
+        .iter()
+        .map(|f| (f.as_str(), QoS::AtLeastOnce))
+        .collect();
+    let denied = r#"onboard_acl_denied_total{action="subscribe",role="device"}"#;
+    let before = t.metric(denied).await;
+    let codes = d.subscribe_many(&wanted).await;
+    let (kept, last) = codes.split_at(onboard::front::MAX_SUBSCRIPTIONS);
+    assert!(
+        kept.iter()
+            .all(|c| *c == SubscribeReasonCode::Success(QoS::AtLeastOnce)),
+        "{kept:?}"
+    );
+    assert_eq!(
+        last,
+        [SubscribeReasonCode::Failure],
+        "one filter past the limit"
+    );
+    assert_eq!(t.metric(denied).await - before, 1.0);
+    // Re-subscribing to a filter it holds is no new filter, and still allowed.
+    assert_eq!(
+        d.subscribe(&filters[0], QoS::AtMostOnce).await,
+        SubscribeReasonCode::Success(QoS::AtMostOnce)
+    );
 }

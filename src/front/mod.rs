@@ -22,6 +22,8 @@ pub mod rules;
 mod served;
 pub mod session;
 
+pub use served::MAX_SUBSCRIPTIONS;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

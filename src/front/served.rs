@@ -290,7 +290,10 @@ impl Served<'_> {
             .iter()
             .map(|f| {
                 let decision = match rules::allowed(who, Action::Subscribe, f.filter) {
-                    Decision::Allow if self.attached.subscriptions() >= MAX_SUBSCRIPTIONS => {
+                    Decision::Allow
+                        if !self.attached.holds(f.filter)
+                            && self.attached.subscriptions() >= MAX_SUBSCRIPTIONS =>
+                    {
                         Decision::Deny("too many subscriptions in one session")
                     }
                     decision => decision,
