@@ -31,6 +31,7 @@ use crate::store::{
     AuditEvent, Credential, CredentialKind, DeviceState, EnrollmentCommit, Store, StoreError,
 };
 use crate::templates::{self, Templates};
+use crate::topics;
 
 /// Longest accepted `request_id`.
 pub const MAX_REQUEST_ID: usize = 64;
@@ -417,7 +418,7 @@ impl Enroller {
     pub async fn handle(&self, device_id: &str, payload: &[u8]) -> Value {
         let response = self.answer(device_id, payload).await;
         self.link.publish(
-            &format!("enroll/{device_id}/response"),
+            &topics::enroll_response(device_id),
             serde_json::to_vec(&response).unwrap_or_default(),
         );
         response
@@ -629,7 +630,7 @@ impl Enroller {
         let deadline = (now + Duration::from_secs(self.config.activation_timeout_secs))
             .replace_nanosecond(0)
             .unwrap_or(now + Duration::from_secs(self.config.activation_timeout_secs));
-        let config_topic = format!("devices/{device_id}/config");
+        let config_topic = topics::config(device_id);
         let answer = |credential: Value| {
             json!({
                 "request_id": req.request_id,

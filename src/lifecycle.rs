@@ -17,6 +17,7 @@ use crate::bus::Bus;
 use crate::front::session::Sessions;
 use crate::metrics::Metrics;
 use crate::store::{AuditEvent, Store, StoreError};
+use crate::topics;
 
 /// A device waiting to activate.
 #[derive(Debug, Clone, PartialEq)]
@@ -227,8 +228,7 @@ impl Lifecycle {
         {
             Ok(true) => {
                 self.watches().remove(device_id);
-                self.link
-                    .clear_retained(&format!("devices/{device_id}/config"));
+                self.link.clear_retained(&topics::config(device_id));
                 self.sessions.disconnect_serial(device_id, serial);
                 self.metrics.activation_timeouts.inc();
                 self.metrics

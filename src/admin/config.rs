@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use super::{parse_body, truncate, Admin, CommandError, ErrorCode};
 use crate::store::{AuditEvent, Device, DeviceConfig, DeviceState};
 use crate::templates;
+use crate::topics;
 
 /// Keys of the configuration document an admin may replace.
 pub const ADMIN_KEYS: &[&str] = &["settings", "automation_rules", "qos", "retain"];
@@ -144,7 +145,7 @@ impl Admin {
         let published = Admin::is_published(device);
         if published {
             self.link.publish_retained(
-                &format!("devices/{}/config", device.id),
+                &topics::config(&device.id),
                 serde_json::to_vec(&row.body).unwrap_or_default(),
             );
         }

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use super::{parse_body, truncate, Admin, CommandError, ErrorCode};
 use crate::enroll::MAX_FIELD;
 use crate::store::{AuditEvent, Device, DeviceFilter, DeviceState, FirmwareJob};
+use crate::topics;
 
 /// Most devices one `admin/firmware` command may name.
 pub const MAX_FLEET: usize = 10_000;
@@ -233,7 +234,7 @@ impl Admin {
             }
         }
         self.link.publish_retained(
-            &format!("devices/{}/firmware", device.id),
+            &topics::firmware(&device.id),
             serde_json::to_vec(&job_document(&job)).unwrap_or_default(),
         );
         Ok(json!({ "job_id": job.job_id }))
@@ -433,8 +434,7 @@ impl Admin {
         if is_terminal(&report.status) {
             let latest = self.store.latest_firmware_job(device_id).await;
             if matches!(&latest, Ok(Some(l)) if l.job_id == job.job_id) {
-                self.link
-                    .clear_retained(&format!("devices/{device_id}/firmware"));
+                self.link.clear_retained(&topics::firmware(device_id));
             }
         }
     }

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::{parse_body, Admin, CommandError, ErrorCode};
 use crate::store::{AuditEvent, Device, DeviceState};
+use crate::topics;
 
 /// Longest revocation reason kept.
 const MAX_REASON: usize = 256;
@@ -71,10 +72,8 @@ impl Admin {
             .await
             .map_err(|e| CommandError::store(&e))?;
         let disconnected = self.sessions.disconnect(&device.id);
-        self.link
-            .clear_retained(&format!("devices/{}/config", device.id));
-        self.link
-            .clear_retained(&format!("devices/{}/firmware", device.id));
+        self.link.clear_retained(&topics::config(&device.id));
+        self.link.clear_retained(&topics::firmware(&device.id));
         Ok((serials, disconnected))
     }
 

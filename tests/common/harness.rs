@@ -248,6 +248,23 @@ pub async fn wait_state(t: &TestGateway, id: &str, state: onboard::store::Device
     .await;
 }
 
+/// Publish an admin command on `topic` and wait for its reply, which must echo the
+/// command's `request_id`.
+pub async fn admin_command(admin: &mut Client, topic: &str, body: Value) -> Value {
+    let id = body["request_id"].as_str().expect("request_id").to_owned();
+    admin
+        .publish(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&body).expect("JSON"),
+        )
+        .await;
+    let reply = admin.recv_json(&format!("admin/responses/{id}")).await;
+    assert_eq!(reply["request_id"], id.as_str());
+    reply
+}
+
 /// Reconnect with the operational certificate of an accepted `response` (and the device's
 /// `key_pem`), check the retained configuration and report telemetry, which activates it.
 pub async fn activate_with_cert(
