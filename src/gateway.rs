@@ -157,6 +157,9 @@ impl Gateway {
         let templates = Templates::load(&config.enrollment.templates_dir)?;
         let store = store::open(&config.store).await?;
         let metrics = Arc::new(Metrics::new());
+        if let Err(e) = metrics.refresh_pki_expiry(&config.pki) {
+            tracing::warn!(error = %e, "CA certificate expiry not exported");
+        }
         let shutdown = CancellationToken::new();
 
         let broker = Broker::start(

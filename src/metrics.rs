@@ -16,6 +16,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::config::PkiConfig;
+use crate::pki::PkiError;
 use crate::store::Store;
 
 /// Every metric the gateway exports. Names are part of the product contract.
@@ -56,6 +58,9 @@ pub struct Metrics {
     pub slow_client_disconnects: IntCounter,
     /// Gateway publishes to the broker (live views) dropped from its full queue.
     pub broker_publish_dropped: IntCounter,
+    /// `ca` = factory | operational | admin | server, `subject`: when each certificate of the
+    /// PKI directory stops being valid (unix seconds). Set by [`Metrics::refresh_pki_expiry`].
+    pub ca_certificate_not_after: IntGaugeVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -227,6 +232,12 @@ impl Metrics {
                 "onboard_broker_publish_dropped_total",
                 "Gateway publishes to the embedded broker dropped because its queue was full",
             ),
+            ca_certificate_not_after: gauge_vec(
+                r,
+                "onboard_ca_certificate_not_after_seconds",
+                "End of validity (unix time) of the CA and server certificates in use",
+                &["ca", "subject"],
+            ),
             registry,
         };
         metrics.initialise_series();
@@ -268,7 +279,18 @@ impl Metrics {
         ] {
             self.rollbacks.with_label_values(&[target, trigger]);
         }
-        for op in ["commit_enrollment", "activate", "device", "credential"] {
+        // Besides the enrollment path: the audit writer, its full queue, and the store reads
+        // of `/readyz` and of every scrape, which alerts watch from the first scrape on.
+        for op in [
+            "commit_enrollment",
+            "activate",
+            "device",
+            "credential",
+            "append_event",
+            "audit_queue_full",
+            "ping",
+            "count_by_state",
+        ] {
             self.store_errors.with_label_values(&[op]);
         }
     }
@@ -295,6 +317,20 @@ impl Metrics {
             self.store_errors.with_label_values(&[op]).inc();
         }
         result
+    }
+
+    /// Export the expiry of the PKI directory's CA and server certificates, replacing what
+    /// was exported before (a reload may have removed a CA). Called at start and after every
+    /// reload of the PKI; on an error the previous values stay.
+    pub fn refresh_pki_expiry(&self, config: &PkiConfig) -> Result<usize, PkiError> {
+        let certificates = crate::pki::certificate_expiry(config)?;
+        self.ca_certificate_not_after.reset();
+        for c in &certificates {
+            self.ca_certificate_not_after
+                .with_label_values(&[c.certificate.as_str(), &c.subject])
+                .set(c.not_after);
+        }
+        Ok(certificates.len())
     }
 
     /// Refresh the `onboard_devices{state}` gauge from the store.

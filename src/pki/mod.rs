@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 
 use crate::config::PkiConfig;
 
+mod expiry;
 mod files;
 mod issue;
 mod tls;
@@ -27,6 +28,7 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+pub use expiry::{certificate_expiry, CertificateExpiry, PkiCertificate};
 pub use verify::ClientVerifier;
 
 /// The role a client certificate grants, decided by the CA that issued it.
