@@ -56,6 +56,8 @@ pub struct Metrics {
     pub slow_client_disconnects: IntCounter,
     /// Gateway publishes to the broker (live views) dropped from its full queue.
     pub broker_publish_dropped: IntCounter,
+    /// `result` = ok | error; reloads of certificates, CAs and templates (SIGHUP).
+    pub reloads: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -227,6 +229,12 @@ impl Metrics {
                 "onboard_broker_publish_dropped_total",
                 "Gateway publishes to the embedded broker dropped because its queue was full",
             ),
+            reloads: counter_vec(
+                r,
+                "onboard_reloads_total",
+                "Reloads of the PKI directory and templates (SIGHUP), by result",
+                &["result"],
+            ),
             registry,
         };
         metrics.initialise_series();
@@ -267,6 +275,9 @@ impl Metrics {
             ("enrollment", "admin"),
         ] {
             self.rollbacks.with_label_values(&[target, trigger]);
+        }
+        for result in ["ok", "error"] {
+            self.reloads.with_label_values(&[result]);
         }
         for op in ["commit_enrollment", "activate", "device", "credential"] {
             self.store_errors.with_label_values(&[op]);
