@@ -29,6 +29,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub lifecycle: LifecycleConfig,
     pub limits: LimitsConfig,
+    pub log: LogConfig,
 }
 
 /// Listeners that devices, admins and operators reach.
@@ -81,6 +82,12 @@ pub struct PkiConfig {
     pub device_cert_days: u32,
     /// A device id (certificate CN, client id, username) must match this regular expression.
     pub device_id_pattern: String,
+    /// Operational CA certificates (relative to `dir`) retired by a rotation: the certificates
+    /// they issued still authenticate devices; new ones come from `operational-ca.pem`.
+    pub previous_operational_cas: Vec<PathBuf>,
+    /// Revoked admin certificates: a CRL signed by the admin CA (relative to `dir`; a missing
+    /// file revokes nothing). Written by `onboard pki revoke-admin`, reloaded on SIGHUP.
+    pub admin_crl: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,6 +149,23 @@ pub struct LifecycleConfig {
     pub sweep_interval_ms: u64,
 }
 
+/// How `onboard serve` writes its log (to standard error).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, every field a key (for log shippers).
+    Json,
+}
+
 /// What one client may cost the gateway: every per-session queue and buffer is bounded here.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -201,6 +225,8 @@ impl Default for PkiConfig {
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             device_cert_days: 365,
             device_id_pattern: "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$".into(),
+            previous_operational_cas: Vec::new(),
+            admin_crl: PathBuf::from("admin-crl.pem"),
         }
     }
 }
@@ -330,10 +356,12 @@ impl Config {
 }
 
 /// `ONBOARD_STORE_URL` -> `store.url`: section names hold no underscore, so the first one
-/// separates section from key.
+/// separates section from key. `ONBOARD_LOG` (the log filter) and `ONBOARD_CONFIG` (the file)
+/// are the command line's, not keys.
 fn env_provider() -> Env {
     Env::prefixed("ONBOARD_")
         .map(|key| key.as_str().replacen('_', ".", 1).into())
+        .ignore(&["log", "config"])
         .lowercase(true)
 }
 
@@ -364,9 +392,12 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("ONBOARD_STORE_URL", "sqlite://elsewhere.db");
             jail.set_env("ONBOARD_ENROLLMENT_ACTIVATION_TIMEOUT_SECS", "42");
+            jail.set_env("ONBOARD_LOG_FORMAT", "json");
+            jail.set_env("ONBOARD_LOG", "debug");
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(c.store.url, "sqlite://elsewhere.db");
             assert_eq!(c.enrollment.activation_timeout_secs, 42);
+            assert_eq!(c.log.format, LogFormat::Json);
             Ok(())
         });
     }

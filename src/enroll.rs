@@ -434,12 +434,21 @@ impl Enroller {
                 (Some(id), self.enroll(device_id, v).await)
             }
         };
+        let role = Role::Bootstrap.as_str();
+        let request_id_field = request_id.as_deref().unwrap_or("-");
         let response = match outcome {
             Ok((response, result)) => {
                 self.metrics
                     .enrollment_requests
                     .with_label_values(&[result, "none"])
                     .inc();
+                tracing::info!(
+                    device_id,
+                    role,
+                    request_id = request_id_field,
+                    result,
+                    "enrollment answered"
+                );
                 response
             }
             Err(rejection) => {
@@ -447,6 +456,14 @@ impl Enroller {
                     .enrollment_requests
                     .with_label_values(&["rejected", rejection.code.as_str()])
                     .inc();
+                tracing::info!(
+                    device_id,
+                    role,
+                    request_id = request_id_field,
+                    result = "rejected",
+                    reason = rejection.code.as_str(),
+                    "enrollment answered"
+                );
                 let mut event = AuditEvent::new(
                     device_id,
                     "enrollment_rejected",

@@ -25,9 +25,9 @@ use crate::front::{Front, FrontHooks, Inbound};
 use crate::lifecycle::Lifecycle;
 use crate::mailbox::{self, Mailboxes};
 use crate::metrics::{self, Metrics};
-use crate::pki::Pki;
+use crate::pki::{Pki, Role};
 use crate::quota::IssueQuota;
-use crate::store::{self, Store};
+use crate::store::{self, AuditEvent, Store};
 use crate::templates::Templates;
 use crate::topics::{self, ForGateway};
 
@@ -62,6 +62,26 @@ pub enum GatewayError {
     Pattern(#[from] regex::Error),
 }
 
+/// Why a reload (SIGHUP) was refused; the gateway then keeps everything it had.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Templates(#[from] crate::templates::TemplateError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Admin certificates on the revocation list now in force.
+    pub revoked_admins: usize,
+    /// Admin sessions ended because their certificate is revoked now: (name, serial).
+    pub disconnected_admins: Vec<(String, String)>,
+}
+
 /// A running gateway.
 pub struct Gateway {
     pub mtls_addr: SocketAddr,
@@ -80,6 +100,9 @@ pub struct Gateway {
     pub admin: Arc<Admin>,
     /// Whether this start created a development PKI.
     pub created_pki: bool,
+    /// The templates the enrollment service renders (shared with it; replaced on reload).
+    templates: Templates,
+    audit: Auditor,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -212,7 +235,7 @@ impl Gateway {
                 bus.clone(),
                 sessions.clone(),
                 lifecycle.clone(),
-                templates,
+                templates.clone(),
                 config.enrollment.clone(),
             )
             .with_quota(quota),
@@ -322,8 +345,66 @@ impl Gateway {
             lifecycle,
             admin,
             created_pki,
+            templates,
+            audit,
             shutdown,
             tasks,
+        })
+    }
+
+    /// Read the PKI directory (server certificate and key, factory, operational and admin CAs,
+    /// the admin revocation list) and the templates again, as `config` names them, and use
+    /// them from now on: new handshakes see the new material, open connections stay up, except
+    /// admin sessions whose certificate the new revocation list revokes. Counted in
+    /// `onboard_reloads_total{result}`; on an error nothing changes.
+    pub fn reload(&self, config: &Config) -> Result<Reloaded, ReloadError> {
+        self.counted(self.swap_material(config))
+    }
+
+    /// [`Self::reload`] with the configuration read again from `file` (and the environment),
+    /// as `onboard serve` does on SIGHUP: a rotation may name new CA files.
+    pub fn reload_file(&self, file: Option<&Path>) -> Result<Reloaded, ReloadError> {
+        let config = Config::load(file).map_err(ReloadError::from);
+        self.counted(config.and_then(|config| self.swap_material(&config)))
+    }
+
+    fn counted(&self, outcome: Result<Reloaded, ReloadError>) -> Result<Reloaded, ReloadError> {
+        let result = if outcome.is_ok() { "ok" } else { "error" };
+        self.metrics.reloads.with_label_values(&[result]).inc();
+        match &outcome {
+            Ok(done) => tracing::info!(
+                revoked_admins = done.revoked_admins,
+                disconnected_admins = done.disconnected_admins.len(),
+                "reloaded certificates, CAs and templates"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; keeping the certificates, CAs and templates in use")
+            }
+        }
+        outcome
+    }
+
+    fn swap_material(&self, config: &Config) -> Result<Reloaded, ReloadError> {
+        // Both are read before either is used, so a bad file changes nothing.
+        let templates = Templates::load(&config.enrollment.templates_dir)?;
+        let pki = self.pki.reload(&config.pki)?;
+        self.templates.adopt(&templates);
+        let revoked = &pki.revoked_admins;
+        let disconnected = self
+            .sessions
+            .disconnect_revoked(Role::Admin, |serial| revoked.contains(serial));
+        for (name, serial) in &disconnected {
+            tracing::info!(admin = %name, serial = %serial, "admin certificate revoked; session closed");
+            self.audit.record(AuditEvent::new(
+                name,
+                "admin_revoked",
+                "gateway",
+                serde_json::json!({ "serial": serial, "detail": "certificate on the admin revocation list; disconnected" }),
+            ));
+        }
+        Ok(Reloaded {
+            revoked_admins: revoked.len(),
+            disconnected_admins: disconnected,
         })
     }
 

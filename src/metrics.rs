@@ -61,6 +61,8 @@ pub struct Metrics {
     /// `ca` = factory | operational | admin | server, `subject`: when each certificate of the
     /// PKI directory stops being valid (unix seconds). Set by [`Metrics::refresh_pki_expiry`].
     pub ca_certificate_not_after: IntGaugeVec,
+    /// `result` = ok | error; reloads of certificates, CAs and templates (SIGHUP).
+    pub reloads: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -238,6 +240,12 @@ impl Metrics {
                 "End of validity (unix time) of the CA and server certificates in use",
                 &["ca", "subject"],
             ),
+            reloads: counter_vec(
+                r,
+                "onboard_reloads_total",
+                "Reloads of the PKI directory and templates (SIGHUP), by result",
+                &["result"],
+            ),
             registry,
         };
         metrics.initialise_series();
@@ -278,6 +286,9 @@ impl Metrics {
             ("enrollment", "admin"),
         ] {
             self.rollbacks.with_label_values(&[target, trigger]);
+        }
+        for result in ["ok", "error"] {
+            self.reloads.with_label_values(&[result]);
         }
         // Besides the enrollment path: the audit writer, its full queue, and the store reads
         // of `/readyz` and of every scrape, which alerts watch from the first scrape on.

@@ -106,7 +106,7 @@ impl Bench {
     /// A TLS client configuration trusting the gateway, with a client certificate.
     pub fn tls(&self, cert: &CertAndKey) -> Arc<rustls::ClientConfig> {
         simulate::client_tls_config(
-            self.gw.pki.server_ca_pem(),
+            &self.gw.pki.server_ca_pem(),
             Some((&cert.certificate_pem, &cert.private_key_pem)),
         )
         .expect("client TLS configuration")

@@ -143,11 +143,12 @@ impl Refusal {
 
 impl From<CertRefusal> for Refusal {
     fn from(r: CertRefusal) -> Self {
-        Refusal::new(
-            RefusalReason::Certificate(r.reason),
-            r.subject_cn.as_deref(),
-            r.detail,
-        )
+        let reason = match r.reason {
+            // A revoked admin certificate is a revoked credential like any other.
+            CertRefusalReason::Revoked => RefusalReason::CredentialRevoked,
+            other => RefusalReason::Certificate(other),
+        };
+        Refusal::new(reason, r.subject_cn.as_deref(), r.detail)
     }
 }
 

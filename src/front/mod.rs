@@ -110,10 +110,6 @@ impl Front {
         kind: Listener,
         shutdown: CancellationToken,
     ) {
-        let acceptor = TlsAcceptor::from(match kind {
-            Listener::Mtls => self.pki.mtls_server_config(),
-            Listener::Password => self.pki.tls_server_config(),
-        });
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -141,7 +137,11 @@ impl Front {
             };
             let _ = tcp.set_nodelay(true);
             let front = self.clone();
-            let acceptor = acceptor.clone();
+            // Taken at every accept: a reload (SIGHUP) applies to the next handshake.
+            let acceptor = TlsAcceptor::from(match kind {
+                Listener::Mtls => self.pki.mtls_server_config(),
+                Listener::Password => self.pki.tls_server_config(),
+            });
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 front
@@ -158,7 +158,7 @@ impl Front {
             .auth_failures
             .with_label_values(&[reason])
             .inc();
-        tracing::info!(%remote, reason, id = refusal.claimed_id.as_deref().unwrap_or("-"), detail = %refusal.detail, "connection refused");
+        tracing::info!(%remote, reason, device_id = refusal.claimed_id.as_deref().unwrap_or("-"), detail = %refusal.detail, "connection refused");
         self.audit.record(AuditEvent::new(
             refusal.claimed_id.as_deref().unwrap_or("-"),
             "auth_refused",
@@ -294,6 +294,7 @@ impl Front {
         );
         let gauge = self.metrics.connections.with_label_values(&[role.as_str()]);
         gauge.inc();
+        tracing::debug!(device_id = %identity.principal.id, role = role.as_str(), remote = %admitted.remote, "client connected");
         if identity.first_use {
             self.hooks
                 .credential_first_use(&identity.principal.id, &identity.serial);
@@ -313,13 +314,14 @@ impl Front {
     /// Log (and count) how a connection ended where that tells an operator something.
     fn ended(&self, identity: &Identity, end: &End) {
         let (id, role) = (&identity.principal.id, identity.principal.role.as_str());
+        tracing::debug!(device_id = %id, role, end = ?end, "connection ended");
         match end {
             End::Denied(topic, why) => {
-                tracing::info!(%id, role, topic, why, "publish denied; connection closed");
+                tracing::info!(device_id = %id, role, topic, why, "publish denied; connection closed");
             }
             End::SlowClient => {
                 self.metrics.slow_client_disconnects.inc();
-                tracing::info!(%id, role, "client stopped reading; connection closed");
+                tracing::info!(device_id = %id, role, "client stopped reading; connection closed");
                 self.audit.record(AuditEvent::new(
                     id,
                     "slow_client",
@@ -345,7 +347,7 @@ impl Front {
     }
 
     fn protocol_violation(&self, who: &rules::Principal, detail: &str) {
-        tracing::info!(id = %who.id, detail, "protocol violation; connection closed");
+        tracing::info!(device_id = %who.id, role = who.role.as_str(), detail, "protocol violation; connection closed");
         self.audit.record(AuditEvent::new(
             &who.id,
             "protocol_violation",

@@ -88,6 +88,25 @@ impl Sessions {
         self.disconnect_where(key, |e| e.serial == serial)
     }
 
+    /// Disconnect every session of `role` whose credential serial `revoked` says is revoked,
+    /// whoever it belongs to. Returns the (id, serial) of each session disconnected.
+    pub fn disconnect_revoked(
+        &self,
+        role: Role,
+        revoked: impl Fn(&str) -> bool,
+    ) -> Vec<(String, String)> {
+        let mut ended = Vec::new();
+        for entries in self.by_id.iter() {
+            for entry in entries.iter() {
+                if entry.role == role && revoked(&entry.serial) {
+                    entry.kill.cancel();
+                    ended.push((entries.key().clone(), entry.serial.clone()));
+                }
+            }
+        }
+        ended
+    }
+
     fn disconnect_where(&self, key: &str, matching: impl Fn(&Entry) -> bool) -> usize {
         self.by_id
             .get(key)
@@ -131,5 +150,21 @@ mod tests {
         assert_eq!(sessions.take_factory_serial("d1").as_deref(), Some("f1"));
         assert_eq!(sessions.take_factory_serial("d1"), None);
         assert_eq!(sessions.disconnect("d1"), 0);
+    }
+
+    #[test]
+    fn revoked_serials_of_one_role_are_disconnected() {
+        let sessions = Arc::new(Sessions::default());
+        let (alice, bob, dev) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let _a = sessions.register("alice", Role::Admin, "a1", alice.clone());
+        let _b = sessions.register("bob", Role::Admin, "b1", bob.clone());
+        let _d = sessions.register("d1", Role::Device, "a1", dev.clone());
+        let ended = sessions.disconnect_revoked(Role::Admin, |serial| serial == "a1");
+        assert_eq!(ended, [("alice".to_owned(), "a1".to_owned())]);
+        assert!(alice.is_cancelled() && !bob.is_cancelled() && !dev.is_cancelled());
     }
 }

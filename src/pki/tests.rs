@@ -622,7 +622,7 @@ fn batch_helpers_write_credentials() {
 
 fn client_config(pki: &Pki, cred: Option<&CertAndKey>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(der_of(pki.server_ca_pem())).expect("server CA");
+    roots.add(der_of(&pki.server_ca_pem())).expect("server CA");
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -15,7 +15,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use super::issue::{check_key, fingerprint, serial_hex};
-use super::{CertRefusal, CertRefusalReason, PeerCert, Role};
+use super::{CertRefusal, CertRefusalReason, PeerCert, RevokedAdmins, Role};
 
 /// Intermediates followed at most when looking for the issuing CA of a chain.
 const MAX_CHAIN_DEPTH: usize = 6;
@@ -29,6 +29,8 @@ pub(crate) struct TrustStore {
     anchors: HashMap<Role, Vec<TrustAnchor<'static>>>,
     hints: Vec<DistinguishedName>,
     algorithms: WebPkiSupportedAlgorithms,
+    /// Admin certificates that may no longer connect (`[pki] admin_crl`).
+    revoked_admins: RevokedAdmins,
 }
 
 impl TrustStore {
@@ -79,7 +81,35 @@ impl TrustStore {
             anchors,
             hints,
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            revoked_admins: RevokedAdmins::default(),
         })
+    }
+
+    /// The same store, refusing the admin certificates on `revoked`.
+    pub(crate) fn with_revoked_admins(self, revoked: RevokedAdmins) -> TrustStore {
+        TrustStore {
+            revoked_admins: revoked,
+            ..self
+        }
+    }
+
+    pub(crate) fn revoked_admins(&self) -> &RevokedAdmins {
+        &self.revoked_admins
+    }
+
+    /// Refuse an admin certificate on the revocation list.
+    fn check_revocation(
+        &self,
+        role: Role,
+        leaf: &X509Certificate<'_>,
+        cn: &Option<String>,
+    ) -> Result<(), CertRefusal> {
+        let serial = serial_hex(leaf.raw_serial());
+        if role == Role::Admin && self.revoked_admins.contains(&serial) {
+            let detail = format!("admin certificate {serial} is on the admin revocation list");
+            return Err(refusal(CertRefusalReason::Revoked, cn.clone(), detail));
+        }
+        Ok(())
     }
 
     /// Role of the CA that issued `leaf`, following `intermediates` up to a known CA.
@@ -140,6 +170,7 @@ impl TrustStore {
         now: UnixTime,
     ) -> Result<Role, CertRefusal> {
         let (leaf, cn, role) = self.classify(end_entity, intermediates)?;
+        self.check_revocation(role, &leaf, &cn)?;
         let anchors = self.anchors.get(&role).map(Vec::as_slice).unwrap_or(&[]);
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
             refusal(
@@ -197,6 +228,7 @@ impl TrustStore {
             ));
         };
         let (leaf, common_name, role) = self.classify(end_entity, intermediates)?;
+        self.check_revocation(role, &leaf, &common_name)?;
         // A resumed TLS session carries the certificate of the handshake that created it,
         // unverified since: its validity must hold now, on every connection.
         let validity = leaf.validity();

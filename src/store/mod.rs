@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+pub mod backup;
 pub mod mssql;
 pub mod sqlite;
 
