@@ -136,6 +136,12 @@ pub struct StoreConfig {
     pub max_retries: u32,
     /// Activation marks held while the store is down, before new ones are dropped.
     pub pending_queue: usize,
+    /// How often the change feed is polled for what other gateways sharing the store
+    /// changed (revocations, configurations, firmware jobs): the bound on how late they
+    /// reach the devices connected here.
+    pub change_poll_ms: u64,
+    /// Change-feed rows older than this are deleted.
+    pub change_retention_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -254,6 +260,8 @@ impl Default for StoreConfig {
             query_timeout_ms: 5_000,
             max_retries: 3,
             pending_queue: 10_000,
+            change_poll_ms: 1_000,
+            change_retention_secs: 3_600,
         }
     }
 }

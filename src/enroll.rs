@@ -28,7 +28,8 @@ use crate::metrics::Metrics;
 use crate::pki::{CsrError, Pki, Role};
 use crate::quota::IssueQuota;
 use crate::store::{
-    AuditEvent, Credential, CredentialKind, DeviceState, EnrollmentCommit, Store, StoreError,
+    AuditEvent, Credential, CredentialKind, Device, DeviceState, EnrollmentCommit, FactoryIdentity,
+    Store, StoreError,
 };
 use crate::templates::{self, Templates};
 use crate::topics;
@@ -40,7 +41,8 @@ pub const MAX_FIELD: usize = 128;
 /// Back-off suggested when the store is down.
 const UNAVAILABLE_RETRY_MS: u64 = 5_000;
 
-/// Rejection codes of the contract (plus `already_enrolled` for `reenroll = "deny"`).
+/// Rejection codes of the contract (plus `already_enrolled` for `reenroll = "deny"`, and
+/// `issuer_mismatch` for a re-enrollment through another factory CA than the first one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     MalformedRequest,
@@ -51,12 +53,14 @@ pub enum ErrorCode {
     NotAllowlisted,
     DeviceRevoked,
     AlreadyEnrolled,
+    /// The device was first enrolled through another factory CA.
+    IssuerMismatch,
     RateLimited,
     Unavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::MalformedRequest,
         ErrorCode::CsrInvalid,
         ErrorCode::CsrSubjectMismatch,
@@ -65,6 +69,7 @@ impl ErrorCode {
         ErrorCode::NotAllowlisted,
         ErrorCode::DeviceRevoked,
         ErrorCode::AlreadyEnrolled,
+        ErrorCode::IssuerMismatch,
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
     ];
@@ -79,10 +84,19 @@ impl ErrorCode {
             ErrorCode::NotAllowlisted => "not_allowlisted",
             ErrorCode::DeviceRevoked => "device_revoked",
             ErrorCode::AlreadyEnrolled => "already_enrolled",
+            ErrorCode::IssuerMismatch => "issuer_mismatch",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
         }
     }
+}
+
+fn issuer_mismatch() -> Rejection {
+    Rejection::new(
+        ErrorCode::IssuerMismatch,
+        "this device was first enrolled with a certificate of another factory CA; an admin \
+         must roll its enrollment back before it enrolls through this one",
+    )
 }
 
 /// A rejection: code, human message, and for the retryable codes when to retry.
@@ -555,7 +569,9 @@ impl Enroller {
             }
             _ => {}
         }
-        if device.is_some() {
+        let factory = self.sessions.factory(device_id);
+        if let Some(d) = &device {
+            self.check_issuer(d, factory.as_ref())?;
             self.check_quota(device_id).await?;
         }
 
@@ -662,7 +678,7 @@ impl Enroller {
         let response = answer(credential_json);
         let stored_response = answer(redacted_json);
 
-        let factory_serial = self.sessions.take_factory_serial(device_id);
+        let factory_serial = factory.as_ref().map(|f| f.serial.clone());
         let mut events = Vec::new();
         if let Some(previous) = reenrolled_from {
             events.push(
@@ -730,6 +746,7 @@ impl Enroller {
             },
             response: stored_response,
             events: events.clone(),
+            factory: factory.clone(),
         };
         let revokes_others = commit.revoke_others.is_some();
         match self
@@ -746,6 +763,9 @@ impl Enroller {
                 );
             }
             Ok(_) => {}
+            Err(StoreError::Conflict(_)) if self.bound_elsewhere(device_id, &factory).await => {
+                return Err(issuer_mismatch());
+            }
             Err(StoreError::Conflict(_)) => {
                 // Another instance (or a retry) got there first: answer what it answered.
                 if let Ok(Some(stored)) =
@@ -761,6 +781,7 @@ impl Enroller {
             }
             Err(e) => return Err(Rejection::from_store(&e)),
         }
+        self.sessions.take_factory(device_id);
         if revokes_others {
             // The credentials just revoked may not keep a live session.
             self.sessions.disconnect_role(device_id, Role::Device);
@@ -790,6 +811,44 @@ impl Enroller {
             );
         }
         Ok((response, "accepted"))
+    }
+
+    /// Refuse a device bound to another factory CA than the one this request came through
+    /// (audited with both issuers). A device is bound at its first enrollment; an admin
+    /// rollback of the enrollment releases it.
+    fn check_issuer(
+        &self,
+        device: &Device,
+        factory: Option<&FactoryIdentity>,
+    ) -> Result<(), Rejection> {
+        let Some(bound) = device.factory_issuer.as_deref() else {
+            return Ok(());
+        };
+        let presented = factory.map(|f| f.issuer.as_str());
+        if presented == Some(bound) {
+            return Ok(());
+        }
+        self.audit.record(AuditEvent::new(
+            &device.id,
+            "factory_issuer_mismatch",
+            "device",
+            json!({
+                "bound_issuer": bound,
+                "bound_serial": device.factory_serial,
+                "presented_issuer": presented,
+                "presented_serial": factory.map(|f| f.serial.as_str()),
+            }),
+        ));
+        Err(issuer_mismatch())
+    }
+
+    /// Whether a commit conflict came from a binding to another issuer recorded meanwhile
+    /// (by a racing enrollment, possibly on another gateway).
+    async fn bound_elsewhere(&self, device_id: &str, factory: &Option<FactoryIdentity>) -> bool {
+        match self.store.device(device_id).await {
+            Ok(Some(d)) => self.check_issuer(&d, factory.as_ref()).is_err(),
+            _ => false,
+        }
     }
 
     /// The full answer remembered for `key`, while the enrollment it answered still awaits

@@ -19,6 +19,7 @@ use crate::broker::Broker;
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::enroll::Enroller;
+use crate::feed::Feed;
 use crate::front::identity::{Authenticator, Listener};
 use crate::front::session::Sessions;
 use crate::front::{Front, FrontHooks, Inbound};
@@ -241,6 +242,9 @@ impl Gateway {
             .with_quota(quota),
         );
 
+        // The change feed is followed from before the restore, so nothing another gateway
+        // changes meanwhile is missed (applying it twice does no harm).
+        let feed_start = store.latest_change().await?;
         // rumqttd keeps nothing across restarts: republish what the store says is retained.
         let republished = admin.republish_retained().await?;
         let watching = lifecycle.restore().await?;
@@ -313,6 +317,14 @@ impl Gateway {
             }
         }));
         tasks.push(tokio::spawn(lifecycle.clone().run(shutdown.clone())));
+        let feed = Arc::new(Feed {
+            store: store.clone(),
+            sessions: sessions.clone(),
+            link: bus.clone(),
+            poll: Duration::from_millis(config.store.change_poll_ms.max(10)),
+            retention: Duration::from_secs(config.store.change_retention_secs.max(1)),
+        });
+        tasks.push(tokio::spawn(feed.run(feed_start, shutdown.clone())));
         // Renewal grace periods and the expiring-certificates gauge.
         tasks.push(tokio::spawn(admin.clone().run(shutdown.clone())));
         tasks.push(tokio::spawn(dispatch(

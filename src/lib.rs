@@ -24,6 +24,8 @@
 //! - [`lifecycle`]: activation, deadlines, rollback.
 //! - [`admin`]: the admin plane (config, rollback, firmware, revoke, reinstate) and renewals.
 //! - [`audit`]: the audit log's writer and its live view on `admin/events/...`.
+//! - [`feed`]: applies what other gateways sharing the store changed (revocations,
+//!   configurations, firmware jobs), polled from the store's change feed.
 //! - [`quota`]: how many credentials one device may be issued per hour.
 //! - [`import`]: bulk provisioning from CSV.
 //! - [`store`]: the inventory trait with its `sqlite` and `mssql` backends.
@@ -39,6 +41,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod enroll;
+pub mod feed;
 pub mod front;
 pub mod gateway;
 pub mod import;

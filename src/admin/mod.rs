@@ -253,9 +253,6 @@ pub struct Admin {
     /// Configuration versions are written one at a time (admin commands and automatic
     /// rollbacks), so the version we render into the body is the one the store assigns.
     config_writes: tokio::sync::Mutex<()>,
-    /// Firmware reports are applied one at a time, so a job never moves backwards when two
-    /// reports race.
-    firmware_reports: tokio::sync::Mutex<()>,
     renewals: renew::Renewals,
     /// Credentials per device per hour (renewals count with enrollments).
     quota: IssueQuota,
@@ -281,7 +278,6 @@ impl Admin {
             config,
             commands: tokio::sync::Mutex::new(()),
             config_writes: tokio::sync::Mutex::new(()),
-            firmware_reports: tokio::sync::Mutex::new(()),
             renewals: renew::Renewals::default(),
             quota: IssueQuota {
                 per_window: u32::MAX,

@@ -9,11 +9,19 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{parse_body, Admin, CommandError, ErrorCode};
-use crate::store::{AuditEvent, Device, DeviceState};
+use crate::store::{AuditEvent, Device, DeviceState, StoreError, Transition, TransitionTarget};
 use crate::topics;
 
 /// Longest revocation reason kept.
 const MAX_REASON: usize = 256;
+
+/// Every state but `revoked`: where a revocation or an enrollment rollback may start.
+const NOT_REVOKED: [DeviceState; 4] = [
+    DeviceState::Pending,
+    DeviceState::Enrolling,
+    DeviceState::Active,
+    DeviceState::Failed,
+];
 
 /// `admin/devices/D/revoke`.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,31 +37,36 @@ pub struct RevokeCommand {
 pub struct ReinstateCommand {}
 
 impl Admin {
-    /// Set the device's state with its event (written in the same transaction) and announce it.
-    async fn set_state(
+    /// Move the device from one of `from` to `to` with its event (written in the same
+    /// guarded transaction) and announce it. A device found in another state (changed by
+    /// another admin or gateway since it was read) is refused with `refused`.
+    async fn transition(
         &self,
         device_id: &str,
-        state: DeviceState,
-        last_error: Option<&str>,
+        from: &[DeviceState],
+        to: TransitionTarget,
         event: AuditEvent,
-    ) -> Result<DeviceState, CommandError> {
-        let previous = self
+        refused: ErrorCode,
+    ) -> Result<Transition, CommandError> {
+        let moved = self
             .metrics
             .store_op(
-                "set_device_state",
-                self.store
-                    .set_device_state(device_id, state, last_error, event.clone()),
+                "transition",
+                self.store.transition(device_id, from, to, event.clone()),
             )
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::NotFound(_) => CommandError::new(
+                StoreError::NotFound(_) => CommandError::new(
                     ErrorCode::UnknownDevice,
                     format!("no device {device_id:?} in the inventory"),
                 ),
+                StoreError::WrongState { actual, .. } => {
+                    CommandError::new(refused, format!("device {device_id:?} is {actual}"))
+                }
                 e => CommandError::store(&e),
             })?;
         self.audit.announce(&event);
-        Ok(previous)
+        Ok(moved)
     }
 
     /// Revoke every credential of the device, close its sessions and clear its retained
@@ -112,8 +125,15 @@ impl Admin {
                 .map(|r| format!(": {r}"))
                 .unwrap_or_default()
         );
-        let previous = self
-            .set_state(device_id, DeviceState::Revoked, Some(&last_error), event)
+        let target = TransitionTarget::new(DeviceState::Revoked).with_error(&last_error);
+        let moved = self
+            .transition(
+                device_id,
+                &NOT_REVOKED,
+                target,
+                event,
+                ErrorCode::AlreadyRevoked,
+            )
             .await?;
         let (serials, disconnected) = self.cut_off(&device, "device_revoked").await?;
         self.audit.record(
@@ -128,7 +148,7 @@ impl Admin {
         Ok(json!({
             "device_id": device_id,
             "state": "revoked",
-            "previous_state": previous.as_str(),
+            "previous_state": moved.from.as_str(),
             "revoked_credentials": serials,
             "disconnected": disconnected,
         }))
@@ -158,8 +178,14 @@ impl Admin {
             json!({ "previous_state": "revoked" }),
         )
         .with_request(request_id);
-        self.set_state(device_id, DeviceState::Pending, None, event)
-            .await?;
+        self.transition(
+            device_id,
+            &[DeviceState::Revoked],
+            DeviceState::Pending.into(),
+            event,
+            ErrorCode::NotRevoked,
+        )
+        .await?;
         Ok(json!({ "device_id": device_id, "state": "pending" }))
     }
 
@@ -192,8 +218,18 @@ impl Admin {
             }),
         )
         .with_request(request_id);
-        let previous = self
-            .set_state(device_id, DeviceState::Pending, None, event)
+        // A revocation that won the race (another admin, another gateway) is never
+        // overwritten: the transition refuses a revoked device. The factory issuer binding is
+        // released, so the device may come back through another maker's CA.
+        let target = TransitionTarget::new(DeviceState::Pending).releasing_factory();
+        let moved = self
+            .transition(
+                device_id,
+                &NOT_REVOKED,
+                target,
+                event,
+                ErrorCode::DeviceRevoked,
+            )
             .await?;
         self.metrics
             .rollbacks
@@ -202,7 +238,7 @@ impl Admin {
         Ok(json!({
             "device_id": device_id,
             "state": "pending",
-            "previous_state": previous.as_str(),
+            "previous_state": moved.from.as_str(),
             "revoked_credentials": serials,
             "disconnected": disconnected,
         }))

@@ -40,7 +40,7 @@ use crate::broker::Fanout;
 use crate::mailbox::Mailboxes;
 use crate::metrics::Metrics;
 use crate::pki::{Pki, Role};
-use crate::store::AuditEvent;
+use crate::store::{AuditEvent, FactoryIdentity};
 use codec::CodecError;
 use identity::{Authenticator, Identity, Listener, Refusal, RefusalReason};
 use rules::Action;
@@ -292,6 +292,14 @@ impl Front {
             &identity.serial,
             admitted.kill.clone(),
         );
+        if let (Role::Bootstrap, Some(peer)) = (role, peer.as_ref()) {
+            let factory = FactoryIdentity {
+                issuer: peer.issuer.clone(),
+                serial: peer.serial.clone(),
+            };
+            self.sessions
+                .record_factory(&identity.principal.id, factory);
+        }
         let gauge = self.metrics.connections.with_label_values(&[role.as_str()]);
         gauge.inc();
         tracing::debug!(device_id = %identity.principal.id, role = role.as_str(), remote = %admitted.remote, "client connected");

@@ -8,6 +8,7 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::pki::Role;
+use crate::store::FactoryIdentity;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -25,7 +26,7 @@ pub struct Sessions {
     /// Serial of the factory certificate each device last bootstrapped with, kept after the
     /// connection closes (a request is often handled after its publisher hung up) until the
     /// enrollment takes it.
-    factory_serials: DashMap<String, String>,
+    factory_serials: DashMap<String, FactoryIdentity>,
 }
 
 /// Removes its session from the registry when dropped.
@@ -56,10 +57,6 @@ impl Sessions {
         kill: CancellationToken,
     ) -> SessionGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        if role == Role::Bootstrap {
-            self.factory_serials
-                .insert(key.to_owned(), serial.to_owned());
-        }
         self.by_id.entry(key.to_owned()).or_default().push(Entry {
             id,
             role,
@@ -117,9 +114,19 @@ impl Sessions {
             .unwrap_or(0)
     }
 
-    /// The factory certificate serial `key` last bootstrapped with (and forget it).
-    pub fn take_factory_serial(&self, key: &str) -> Option<String> {
-        self.factory_serials.remove(key).map(|(_, serial)| serial)
+    /// Remember the factory certificate a bootstrap session of `key` connected with.
+    pub fn record_factory(&self, key: &str, factory: FactoryIdentity) {
+        self.factory_serials.insert(key.to_owned(), factory);
+    }
+
+    /// The factory certificate `key` last bootstrapped with.
+    pub fn factory(&self, key: &str) -> Option<FactoryIdentity> {
+        self.factory_serials.get(key).map(|f| f.clone())
+    }
+
+    /// The factory certificate `key` last bootstrapped with (and forget it).
+    pub fn take_factory(&self, key: &str) -> Option<FactoryIdentity> {
+        self.factory_serials.remove(key).map(|(_, factory)| factory)
     }
 
     pub fn is_connected(&self, key: &str, role: Role) -> bool {
@@ -145,10 +152,16 @@ mod tests {
         assert!(kill.is_cancelled());
         drop(guard);
         assert!(!sessions.is_connected("d1", Role::Device));
+        let factory = FactoryIdentity {
+            issuer: "CN=maker".into(),
+            serial: "f1".into(),
+        };
         let boot = sessions.register("d1", Role::Bootstrap, "f1", CancellationToken::new());
+        sessions.record_factory("d1", factory.clone());
         drop(boot);
-        assert_eq!(sessions.take_factory_serial("d1").as_deref(), Some("f1"));
-        assert_eq!(sessions.take_factory_serial("d1"), None);
+        assert_eq!(sessions.factory("d1"), Some(factory.clone()));
+        assert_eq!(sessions.take_factory("d1"), Some(factory));
+        assert_eq!(sessions.take_factory("d1"), None);
         assert_eq!(sessions.disconnect("d1"), 0);
     }
 

@@ -110,6 +110,9 @@ pub struct PeerCert {
     /// SHA-256 of the DER.
     pub fingerprint: Vec<u8>,
     pub not_after: OffsetDateTime,
+    /// Subject DN of our CA that the chain leads to (for a factory certificate: the maker's
+    /// CA, which a device's re-enrollment must come through again).
+    pub issuer: String,
 }
 
 /// A certificate we issued.

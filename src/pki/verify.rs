@@ -25,6 +25,8 @@ const MAX_CHAIN_DEPTH: usize = 6;
 pub(crate) struct TrustStore {
     /// Subject DN (DER, with its SEQUENCE) of every CA -> the role it grants.
     by_subject: HashMap<Vec<u8>, Role>,
+    /// Subject DN of every CA, as text (what a device's factory issuer binding records).
+    names: HashMap<Vec<u8>, String>,
     /// Trust anchors of each domain.
     anchors: HashMap<Role, Vec<TrustAnchor<'static>>>,
     hints: Vec<DistinguishedName>,
@@ -40,6 +42,7 @@ impl TrustStore {
         domains: &[(Role, &[CertificateDer<'static>])],
     ) -> Result<TrustStore, String> {
         let mut by_subject: HashMap<Vec<u8>, Role> = HashMap::new();
+        let mut names: HashMap<Vec<u8>, String> = HashMap::new();
         let mut anchors: HashMap<Role, Vec<TrustAnchor<'static>>> = HashMap::new();
         let mut hints = Vec::new();
         for (role, certs) in domains {
@@ -61,6 +64,7 @@ impl TrustStore {
                     Some(_) => {}
                     None => {
                         hints.push(DistinguishedName::from(subject.clone()));
+                        names.insert(subject.clone(), parsed.subject().to_string());
                         by_subject.insert(subject, *role);
                     }
                 }
@@ -78,6 +82,7 @@ impl TrustStore {
         }
         Ok(TrustStore {
             by_subject,
+            names,
             anchors,
             hints,
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
@@ -112,16 +117,18 @@ impl TrustStore {
         Ok(())
     }
 
-    /// Role of the CA that issued `leaf`, following `intermediates` up to a known CA.
-    fn role_of(
-        &self,
+    /// Role of the CA that issued `leaf`, following `intermediates` up to a known CA, and
+    /// that CA's subject DN.
+    fn role_of<'c>(
+        &'c self,
         leaf: &X509Certificate<'_>,
         intermediates: &[CertificateDer<'_>],
-    ) -> Option<Role> {
+    ) -> Option<(Role, &'c str)> {
         let mut issuer = leaf.issuer().as_raw();
         for _ in 0..MAX_CHAIN_DEPTH {
             if let Some(role) = self.by_subject.get(issuer) {
-                return Some(*role);
+                let name = self.names.get(issuer).map_or("", String::as_str);
+                return Some((*role, name));
             }
             // Walk up through a supplied intermediate whose subject is this issuer.
             let next = intermediates.iter().find_map(|der| {
@@ -143,7 +150,7 @@ impl TrustStore {
         &self,
         end_entity: &'a CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-    ) -> Result<(X509Certificate<'a>, Option<String>, Role), CertRefusal> {
+    ) -> Result<(X509Certificate<'a>, Option<String>, Role, String), CertRefusal> {
         let leaf = match x509_parser::parse_x509_certificate(end_entity.as_ref()) {
             Ok((_, leaf)) => leaf,
             Err(e) => {
@@ -155,11 +162,12 @@ impl TrustStore {
             }
         };
         let cn = common_name(&leaf);
-        let Some(role) = self.role_of(&leaf, intermediates) else {
+        let Some((role, issuer)) = self.role_of(&leaf, intermediates) else {
             let detail = format!("issuer {} is none of our CAs", leaf.issuer());
             return Err(refusal(CertRefusalReason::UnknownCa, cn, detail));
         };
-        Ok((leaf, cn, role))
+        let issuer = issuer.to_owned();
+        Ok((leaf, cn, role, issuer))
     }
 
     /// Full verification of a client chain; returns the role it grants.
@@ -169,7 +177,7 @@ impl TrustStore {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Role, CertRefusal> {
-        let (leaf, cn, role) = self.classify(end_entity, intermediates)?;
+        let (leaf, cn, role, _) = self.classify(end_entity, intermediates)?;
         self.check_revocation(role, &leaf, &cn)?;
         let anchors = self.anchors.get(&role).map(Vec::as_slice).unwrap_or(&[]);
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
@@ -227,7 +235,7 @@ impl TrustStore {
                 "no client certificate".into(),
             ));
         };
-        let (leaf, common_name, role) = self.classify(end_entity, intermediates)?;
+        let (leaf, common_name, role, issuer) = self.classify(end_entity, intermediates)?;
         self.check_revocation(role, &leaf, &common_name)?;
         // A resumed TLS session carries the certificate of the handshake that created it,
         // unverified since: its validity must hold now, on every connection.
@@ -257,6 +265,7 @@ impl TrustStore {
             serial: serial_hex(leaf.raw_serial()),
             fingerprint: fingerprint(end_entity.as_ref()),
             not_after: leaf.validity().not_after.to_datetime(),
+            issuer,
         })
     }
 }

@@ -63,6 +63,8 @@ pub struct MssqlStore {
     checkout_timeout: Duration,
     /// Why the pool's latest connection attempt failed, for checkout time-out messages.
     last_connect_error: LastError,
+    /// Stamped on the change-feed rows this instance writes.
+    origin: String,
 }
 
 impl std::fmt::Debug for MssqlStore {
@@ -120,6 +122,7 @@ impl MssqlStore {
             max_retries: config.max_retries,
             checkout_timeout: connect_timeout,
             last_connect_error,
+            origin: new_origin(),
         };
         store.migrate(query_timeout).await?;
         tracing::info!(target = %store.target, pool_size = config.pool_size, "SQL Server store ready");
@@ -257,6 +260,24 @@ async fn insert_event(c: &mut Connection, sql: &Statements, event: &AuditEvent) 
     Ok(())
 }
 
+/// Announce a change of `device_id` on the change feed (in the caller's transaction).
+async fn insert_change(
+    c: &mut Connection,
+    sql: &Statements,
+    origin: &str,
+    device_id: &str,
+    kind: ChangeKind,
+) -> StoreResult<()> {
+    let now = to_db_time(OffsetDateTime::now_utc());
+    c.execute(
+        "insert change",
+        &sql.insert_change,
+        &[&device_id, &kind.as_str(), &origin, &now],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn insert_credential_row(
     c: &mut Connection,
     sql: &Statements,
@@ -327,6 +348,7 @@ async fn insert_next_config(
 async fn commit_enrollment_body(
     c: &mut Connection,
     sql: &Statements,
+    origin: &str,
     commit: &EnrollmentCommit,
 ) -> StoreResult<EnrollmentCommitted> {
     let now = OffsetDateTime::now_utc();
@@ -343,6 +365,8 @@ async fn commit_enrollment_body(
     let model = commit.model.as_deref().unwrap_or_default();
     let location = commit.location.as_deref().unwrap_or_default();
     let firmware = commit.firmware_version.as_deref().unwrap_or_default();
+    let issuer = commit.factory.as_ref().map(|f| f.issuer.as_str());
+    let factory_serial = commit.factory.as_ref().map(|f| f.serial.as_str());
 
     // 1. The device row, guarded by its generation (or by the primary key when new).
     let generation = match commit.expected_generation {
@@ -350,7 +374,12 @@ async fn commit_enrollment_body(
             let row = c
                 .query_opt(
                     "commit_enrollment: update device",
-                    &null_slots(&sql.update_device_for_enrollment, absent),
+                    &null_slots(
+                        &sql.update_device_for_enrollment,
+                        absent
+                            .into_iter()
+                            .chain([(11, issuer.is_none()), (12, factory_serial.is_none())]),
+                    ),
                     &[
                         &device_id,
                         &commit.device_type.as_str(),
@@ -362,6 +391,8 @@ async fn commit_enrollment_body(
                         &now_db,
                         &deadline,
                         &expected,
+                        &issuer.unwrap_or_default(),
+                        &factory_serial.unwrap_or_default(),
                     ],
                 )
                 .await?;
@@ -370,7 +401,7 @@ async fn commit_enrollment_body(
                 None => {
                     return Err(StoreError::Conflict(format!(
                         "device {device_id} changed since generation {expected} was read \
-                         (or is revoked)"
+                         (or is revoked, or bound to another factory issuer)"
                     )))
                 }
             }
@@ -378,7 +409,12 @@ async fn commit_enrollment_body(
         None => {
             c.execute(
                 "commit_enrollment: insert device",
-                &null_slots(&sql.insert_device_for_enrollment, absent),
+                &null_slots(
+                    &sql.insert_device_for_enrollment,
+                    absent
+                        .into_iter()
+                        .chain([(10, issuer.is_none()), (11, factory_serial.is_none())]),
+                ),
                 &[
                     &device_id,
                     &commit.device_type.as_str(),
@@ -389,6 +425,8 @@ async fn commit_enrollment_body(
                     &serial,
                     &now_db,
                     &deadline,
+                    &issuer.unwrap_or_default(),
+                    &factory_serial.unwrap_or_default(),
                 ],
             )
             .await
@@ -426,17 +464,22 @@ async fn commit_enrollment_body(
 
     // 3. Other credentials, before the new one is inserted (so it is never among them).
     if let Some(reason) = &commit.revoke_others {
-        c.query(
-            "commit_enrollment: revoke others",
-            &sql.revoke_device_credentials,
-            &[&device_id, &now_db, &reason.as_str()],
-        )
-        .await?;
+        let revoked = c
+            .query(
+                "commit_enrollment: revoke others",
+                &sql.revoke_device_credentials,
+                &[&device_id, &now_db, &reason.as_str()],
+            )
+            .await?;
+        if !revoked.is_empty() {
+            insert_change(c, sql, origin, device_id, ChangeKind::Credentials).await?;
+        }
     }
 
     // 4. The credential, the configuration version, the audit events.
     insert_credential_row(c, sql, &commit.credential).await?;
     let config = insert_next_config(c, sql, device_id, &commit.config_body, "gateway", now).await?;
+    insert_change(c, sql, origin, device_id, ChangeKind::Config).await?;
     for event in &commit.events {
         insert_event(c, sql, event).await?;
     }
@@ -446,6 +489,7 @@ async fn commit_enrollment_body(
 async fn activate_body(
     c: &mut Connection,
     sql: &Statements,
+    origin: &str,
     device_id: &str,
     serial: &str,
     event: &AuditEvent,
@@ -467,12 +511,16 @@ async fn activate_body(
         &[&serial, &now],
     )
     .await?;
-    c.execute(
-        "activate: supersede",
-        &sql.activate_supersede,
-        &[&device_id, &serial, &now],
-    )
-    .await?;
+    let superseded = c
+        .execute(
+            "activate: supersede",
+            &sql.activate_supersede,
+            &[&device_id, &serial, &now],
+        )
+        .await?;
+    if superseded > 0 {
+        insert_change(c, sql, origin, device_id, ChangeKind::Credentials).await?;
+    }
     insert_event(c, sql, event).await?;
     Ok(true)
 }
@@ -480,6 +528,7 @@ async fn activate_body(
 async fn expire_body(
     c: &mut Connection,
     sql: &Statements,
+    origin: &str,
     device_id: &str,
     serial: &str,
     event: &AuditEvent,
@@ -501,6 +550,8 @@ async fn expire_body(
         &[&serial, &now],
     )
     .await?;
+    insert_change(c, sql, origin, device_id, ChangeKind::Credentials).await?;
+    insert_change(c, sql, origin, device_id, ChangeKind::State).await?;
     insert_event(c, sql, event).await?;
     Ok(true)
 }
@@ -673,31 +724,59 @@ impl Store for MssqlStore {
         .await
     }
 
-    async fn set_device_state(
+    async fn transition(
         &self,
         id: &str,
-        state: DeviceState,
-        last_error: Option<&str>,
+        from: &[DeviceState],
+        to: TransitionTarget,
         event: AuditEvent,
-    ) -> StoreResult<DeviceState> {
-        let event = &event;
-        self.run("set_device_state", |mut c| {
+    ) -> StoreResult<Transition> {
+        let (to, event) = (&to, &event);
+        let from = transition_slots(from);
+        self.run("transition", |mut c| {
             Box::pin(async move {
                 c.begin().await?;
                 let result = async {
                     let now = to_db_time(OffsetDateTime::now_utc());
-                    let sql = null_slots(&self.sql.set_device_state, [(3, last_error.is_none())]);
+                    let last_error = to.last_error.as_deref();
+                    let sql = null_slots(&self.sql.transition_device, [(3, last_error.is_none())]);
                     let row = c
                         .query_opt(
-                            "set_device_state",
+                            "transition",
                             &sql,
-                            &[&id, &state.as_str(), &last_error.unwrap_or_default(), &now],
+                            &[
+                                &id,
+                                &to.state.as_str(),
+                                &last_error.unwrap_or_default(),
+                                &now,
+                                &to.release_factory,
+                                &from[0],
+                                &from[1],
+                                &from[2],
+                                &from[3],
+                                &from[4],
+                            ],
                         )
-                        .await?
-                        .ok_or_else(|| StoreError::NotFound(format!("device {id}")))?;
+                        .await?;
+                    let Some(row) = row else {
+                        let found = c
+                            .query_opt("transition: state", &self.sql.device_state, &[&id])
+                            .await?;
+                        return Err(match found {
+                            None => StoreError::NotFound(format!("device {id}")),
+                            Some(row) => StoreError::WrongState {
+                                device: id.to_owned(),
+                                actual: rows::text(&row, "state")?.parse()?,
+                            },
+                        });
+                    };
                     let previous = rows::text(&row, "previous")?.parse::<DeviceState>()?;
+                    insert_change(&mut c, &self.sql, &self.origin, id, ChangeKind::State).await?;
                     insert_event(&mut c, &self.sql, event).await?;
-                    Ok(previous)
+                    Ok(Transition {
+                        from: previous,
+                        to: to.state,
+                    })
                 }
                 .await;
                 c.finish(result).await
@@ -756,7 +835,7 @@ impl Store for MssqlStore {
         self.run("commit_enrollment", |mut c| {
             Box::pin(async move {
                 c.begin().await?;
-                let result = commit_enrollment_body(&mut c, &self.sql, commit).await;
+                let result = commit_enrollment_body(&mut c, &self.sql, &self.origin, commit).await;
                 c.finish(result).await
             })
         })
@@ -803,7 +882,8 @@ impl Store for MssqlStore {
         self.run("activate", |mut c| {
             Box::pin(async move {
                 c.begin().await?;
-                let result = activate_body(&mut c, &self.sql, device_id, serial, event).await;
+                let result =
+                    activate_body(&mut c, &self.sql, &self.origin, device_id, serial, event).await;
                 c.finish(result).await
             })
         })
@@ -820,7 +900,8 @@ impl Store for MssqlStore {
         self.run("expire_enrollment", |mut c| {
             Box::pin(async move {
                 c.begin().await?;
-                let result = expire_body(&mut c, &self.sql, device_id, serial, event).await;
+                let result =
+                    expire_body(&mut c, &self.sql, &self.origin, device_id, serial, event).await;
                 c.finish(result).await
             })
         })
@@ -893,15 +974,28 @@ impl Store for MssqlStore {
     async fn revoke_credential(&self, serial: &str, reason: &str) -> StoreResult<bool> {
         self.run("revoke_credential", |mut c| {
             Box::pin(async move {
-                let now = to_db_time(OffsetDateTime::now_utc());
-                let n = c
-                    .execute(
-                        "revoke_credential",
-                        &self.sql.revoke_credential,
-                        &[&serial, &now, &reason],
-                    )
-                    .await?;
-                Ok(n > 0)
+                c.begin().await?;
+                let result = async {
+                    let now = to_db_time(OffsetDateTime::now_utc());
+                    let n = c
+                        .execute(
+                            "revoke_credential",
+                            &self.sql.revoke_credential,
+                            &[&serial, &now, &reason],
+                        )
+                        .await?;
+                    if n > 0 {
+                        c.execute(
+                            "revoke_credential: change",
+                            &self.sql.insert_credential_change,
+                            &[&serial, &self.origin.as_str(), &now],
+                        )
+                        .await?;
+                    }
+                    Ok(n > 0)
+                }
+                .await;
+                c.finish(result).await
             })
         })
         .await
@@ -914,17 +1008,26 @@ impl Store for MssqlStore {
     ) -> StoreResult<Vec<String>> {
         self.run("revoke_device_credentials", |mut c| {
             Box::pin(async move {
-                let now = to_db_time(OffsetDateTime::now_utc());
-                let rows = c
-                    .query(
-                        "revoke_device_credentials",
-                        &self.sql.revoke_device_credentials,
-                        &[&device_id, &now, &reason],
-                    )
-                    .await?;
-                let mut serials = collect(rows, |row| rows::text(row, "serial"))?;
-                serials.sort();
-                Ok(serials)
+                c.begin().await?;
+                let result = async {
+                    let now = to_db_time(OffsetDateTime::now_utc());
+                    let rows = c
+                        .query(
+                            "revoke_device_credentials",
+                            &self.sql.revoke_device_credentials,
+                            &[&device_id, &now, &reason],
+                        )
+                        .await?;
+                    let mut serials = collect(rows, |row| rows::text(row, "serial"))?;
+                    serials.sort();
+                    if !serials.is_empty() {
+                        let kind = ChangeKind::Credentials;
+                        insert_change(&mut c, &self.sql, &self.origin, device_id, kind).await?;
+                    }
+                    Ok(serials)
+                }
+                .await;
+                c.finish(result).await
             })
         })
         .await
@@ -1019,6 +1122,8 @@ impl Store for MssqlStore {
                                 &mut c, &self.sql, device_id, body, created_by, now,
                             )
                             .await?;
+                            let kind = ChangeKind::Config;
+                            insert_change(&mut c, &self.sql, &self.origin, device_id, kind).await?;
                             insert_event(&mut c, &self.sql, event).await?;
                             Ok(config)
                         }
@@ -1106,6 +1211,8 @@ impl Store for MssqlStore {
                         ],
                     )
                     .await?;
+                    let (device_id, kind) = (job.device_id.as_str(), ChangeKind::Firmware);
+                    insert_change(&mut c, &self.sql, &self.origin, device_id, kind).await?;
                     insert_event(&mut c, &self.sql, event).await
                 }
                 .await;
@@ -1145,36 +1252,43 @@ impl Store for MssqlStore {
         .await
     }
 
-    async fn update_firmware_job(
+    async fn advance_firmware_job(
         &self,
         job_id: &str,
         device_id: &str,
-        status: &str,
+        status: JobStatus,
         error: Option<&str>,
         event: AuditEvent,
     ) -> StoreResult<bool> {
         let event = &event;
-        self.run("update_firmware_job", |mut c| {
+        let from = status.predecessors();
+        self.run("advance_firmware_job", |mut c| {
             Box::pin(async move {
                 c.begin().await?;
                 let result = async {
                     let now = to_db_time(OffsetDateTime::now_utc());
                     let n = c
                         .execute(
-                            "update_firmware_job",
-                            &null_slots(&self.sql.update_firmware_job, [(4, error.is_none())]),
+                            "advance_firmware_job",
+                            &null_slots(&self.sql.advance_firmware_job, [(4, error.is_none())]),
                             &[
                                 &job_id,
                                 &device_id,
-                                &status,
+                                &status.as_str(),
                                 &error.unwrap_or_default(),
                                 &now,
+                                &from[0],
+                                &from[1],
+                                &from[2],
+                                &from[3],
                             ],
                         )
                         .await?;
                     if n == 0 {
                         return Ok(false);
                     }
+                    let kind = ChangeKind::Firmware;
+                    insert_change(&mut c, &self.sql, &self.origin, device_id, kind).await?;
                     insert_event(&mut c, &self.sql, event).await?;
                     Ok(true)
                 }
@@ -1243,6 +1357,48 @@ impl Store for MssqlStore {
                     .await?
                     .map(|row| rows::json(&row, "reply"))
                     .transpose()
+            })
+        })
+        .await
+    }
+
+    // ---- change feed --------------------------------------------------------------------
+
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    async fn latest_change(&self) -> StoreResult<i64> {
+        self.run("latest_change", |mut c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt("latest_change", &self.sql.latest_change, &[])
+                    .await?;
+                row.map_or(Ok(0), |row| int64(&row, "id"))
+            })
+        })
+        .await
+    }
+
+    async fn changes_since(&self, cursor: i64, limit: u32) -> StoreResult<Vec<Change>> {
+        let limit = i64::from(limit);
+        self.run("changes_since", |mut c| {
+            Box::pin(async move {
+                let rows = c
+                    .query("changes_since", &self.sql.changes_since, &[&cursor, &limit])
+                    .await?;
+                collect(rows, rows::change)
+            })
+        })
+        .await
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> StoreResult<u64> {
+        let before = to_db_time(before);
+        self.run("prune_changes", |mut c| {
+            Box::pin(async move {
+                c.execute("prune_changes", &self.sql.prune_changes, &[&before])
+                    .await
             })
         })
         .await

@@ -213,6 +213,30 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             reply nvarchar(max) NOT NULL, \
             created_at datetime2 NOT NULL)",
     ],
+},
+Migration {
+    version: 2,
+    name: "factory issuer binding",
+    statements: &[
+        "ALTER TABLE {schema}.onboard_devices ADD factory_issuer nvarchar(400) NULL, \
+            factory_serial nvarchar(128) NULL",
+    ],
+},
+Migration {
+    version: 3,
+    name: "change feed",
+    statements: &[
+        // What other gateways sharing the database must apply: written in the transaction of
+        // the change, polled by id.
+        "CREATE TABLE {schema}.onboard_changes (\
+            id bigint IDENTITY(1,1) NOT NULL CONSTRAINT pk_onboard_changes PRIMARY KEY, \
+            device_id nvarchar(128) NOT NULL, \
+            kind nvarchar(16) NOT NULL CONSTRAINT ck_onboard_changes_kind \
+                CHECK (kind IN (N'credentials', N'state', N'config', N'firmware')), \
+            origin nvarchar(64) NOT NULL, \
+            occurred_at datetime2 NOT NULL)",
+        "CREATE INDEX ix_onboard_changes_at ON {schema}.onboard_changes (occurred_at)",
+    ],
 }];
 
 /// Creates the schema when it does not exist yet (never run for `dbo`). `CREATE SCHEMA` must
@@ -225,6 +249,7 @@ pub const DROP_SCHEMA: &str = "IF SCHEMA_ID(@P1) IS NOT NULL EXEC(N'DROP SCHEMA 
 
 /// Tables dropped by `drop_schema`, children first.
 pub const DROP_STATEMENTS: &[&str] = &[
+    "DROP TABLE IF EXISTS {schema}.onboard_changes",
     "DROP TABLE IF EXISTS {schema}.onboard_admin_replies",
     "DROP TABLE IF EXISTS {schema}.onboard_firmware_jobs",
     "DROP TABLE IF EXISTS {schema}.onboard_events",
