@@ -142,6 +142,9 @@ pub struct StoreConfig {
     pub change_poll_ms: u64,
     /// Change-feed rows older than this are deleted.
     pub change_retention_secs: u64,
+    /// Audit rows older than this many days are deleted (at start, then hourly); 0 keeps
+    /// them for ever.
+    pub audit_retention_days: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -185,6 +188,12 @@ pub struct LimitsConfig {
     pub write_timeout_ms: u64,
     /// Credentials one device may be issued (enrollments and renewals) per rolling hour.
     pub credentials_per_device_per_hour: u32,
+    /// Connections one source address may have in the TLS handshake or before CONNECT at
+    /// once; past it a new socket is closed at once (`too_many_handshakes`).
+    pub max_handshakes_per_source: usize,
+    /// Refusals that name no one (scans, floods) are audited as one row per reason per this
+    /// many milliseconds, with the count and a few sample sources.
+    pub anonymous_refusal_window_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -194,6 +203,8 @@ impl Default for LimitsConfig {
             max_queued_per_device: 100,
             write_timeout_ms: 10_000,
             credentials_per_device_per_hour: 10,
+            max_handshakes_per_source: 32,
+            anonymous_refusal_window_ms: 60_000,
         }
     }
 }
@@ -262,6 +273,7 @@ impl Default for StoreConfig {
             pending_queue: 10_000,
             change_poll_ms: 1_000,
             change_retention_secs: 3_600,
+            audit_retention_days: 90,
         }
     }
 }

@@ -283,6 +283,19 @@ fn validate(
     })
 }
 
+/// The checks an enrollment request passes before the store or the PKI is asked: size, JSON
+/// shape, field lengths, credential kind and device type. The rejection is the one the device
+/// would receive.
+pub fn check_request(
+    payload: &[u8],
+    config: &EnrollmentConfig,
+    templates: &Templates,
+) -> Result<(), Rejection> {
+    validate(payload, config, templates)
+        .map(|_| ())
+        .map_err(|(_, rejection)| rejection)
+}
+
 fn csr_rejection(e: CsrError) -> Rejection {
     match e {
         CsrError::Invalid(m) => Rejection::new(ErrorCode::CsrInvalid, m),

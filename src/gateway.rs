@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::audit::Auditor;
+use crate::audit::{self, Auditor};
 use crate::broker::Broker;
 use crate::bus::Bus;
 use crate::config::Config;
@@ -22,6 +22,8 @@ use crate::enroll::Enroller;
 use crate::feed::Feed;
 use crate::front::identity::{Authenticator, Listener};
 use crate::front::session::Sessions;
+use crate::front::sources::HandshakeSlots;
+use crate::front::tally::RefusalTally;
 use crate::front::{Front, FrontHooks, Inbound};
 use crate::lifecycle::Lifecycle;
 use crate::mailbox::{self, Mailboxes};
@@ -256,6 +258,10 @@ impl Gateway {
         metrics.refresh_device_gauge(store.as_ref()).await;
 
         let (inbox_tx, inbox) = tokio::sync::mpsc::channel(INBOX);
+        let anonymous_refusals = RefusalTally::new(
+            Duration::from_millis(config.limits.anonymous_refusal_window_ms),
+            audit.clone(),
+        );
         let front = Arc::new(Front {
             pki: pki.clone(),
             auth: Authenticator {
@@ -284,6 +290,8 @@ impl Gateway {
             connection_slots: Arc::new(Semaphore::new(connection_limit(
                 config.server.max_connections,
             ))),
+            handshakes: HandshakeSlots::new(config.limits.max_handshakes_per_source),
+            anonymous_refusals: anonymous_refusals.clone(),
         });
 
         let mtls = bind("mTLS listener", config.server.mtls_listen).await?;
@@ -325,6 +333,13 @@ impl Gateway {
             retention: Duration::from_secs(config.store.change_retention_secs.max(1)),
         });
         tasks.push(tokio::spawn(feed.run(feed_start, shutdown.clone())));
+        tasks.push(tokio::spawn(anonymous_refusals.run(shutdown.clone())));
+        tasks.push(tokio::spawn(audit::run_retention(
+            store.clone(),
+            metrics.clone(),
+            config.store.audit_retention_days,
+            shutdown.clone(),
+        )));
         // Renewal grace periods and the expiring-certificates gauge.
         tasks.push(tokio::spawn(admin.clone().run(shutdown.clone())));
         tasks.push(tokio::spawn(dispatch(

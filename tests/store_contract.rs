@@ -217,6 +217,7 @@ contract_tests!(
     count_by_state_reports_every_state,
     transitions_and_firmware_version,
     events_ordering_and_limit,
+    old_events_are_deleted_in_batches,
     firmware_jobs,
     admin_replies_are_idempotent,
     a_revoke_is_never_overwritten_by_a_rollback,
@@ -1396,6 +1397,25 @@ async fn events_ordering_and_limit(cx: Ctx) {
     assert!(s.events(&d, 0).await.unwrap().is_empty());
     assert_eq!(s.events(&other, 100).await.unwrap().len(), 5);
     assert!(s.events(&cx.id("silent"), 100).await.unwrap().is_empty());
+}
+
+async fn old_events_are_deleted_in_batches(cx: Ctx) {
+    let s = &cx.store;
+    let d = cx.id("retention");
+    let cutoff = now() - Duration::days(90);
+    for i in 0..5 {
+        let mut e = event(&d, &format!("old{i}"));
+        e.at = cutoff - Duration::days(1 + i);
+        s.append_event(e).await.unwrap();
+    }
+    let mut fresh = event(&d, "fresh");
+    fresh.at = cutoff + Duration::minutes(1);
+    s.append_event(fresh).await.unwrap();
+    // At most one batch per call, until nothing older than the cutoff is left.
+    for expected in [2, 2, 1, 0] {
+        assert_eq!(s.delete_events_before(cutoff, 2).await.unwrap(), expected);
+    }
+    assert_eq!(event_names(&cx, &d).await, vec!["fresh"]);
 }
 
 async fn firmware_jobs(cx: Ctx) {

@@ -65,6 +65,8 @@ impl Bench {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/templates");
         // Benchmarks measure the gateway, not its rate limiter.
         config.enrollment.max_requests_per_sec = 1_000_000;
+        // Every simulated device connects from loopback: one source address.
+        config.limits.max_handshakes_per_source = 1_000_000;
         let gw = Gateway::start(config.clone())
             .await
             .expect("gateway starts");

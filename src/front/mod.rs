@@ -21,6 +21,8 @@ mod relay;
 pub mod rules;
 mod served;
 pub mod session;
+pub mod sources;
+pub mod tally;
 
 pub use served::MAX_SUBSCRIPTIONS;
 
@@ -45,6 +47,8 @@ use codec::CodecError;
 use identity::{Authenticator, Identity, Listener, Refusal, RefusalReason};
 use rules::Action;
 use session::Sessions;
+use sources::HandshakeSlots;
+use tally::RefusalTally;
 
 /// Read buffer per direction of a relayed (admin) connection.
 const READ_BUFFER: usize = 16 * 1024;
@@ -100,6 +104,10 @@ pub struct Front {
     pub max_retained: usize,
     /// Bounds concurrent connections (both listeners).
     pub connection_slots: Arc<Semaphore>,
+    /// Bounds the handshakes one source address has in progress (both listeners).
+    pub handshakes: Arc<HandshakeSlots>,
+    /// Where refusals that name no one are counted, to be audited once per reason and window.
+    pub anonymous_refusals: Arc<RefusalTally>,
 }
 
 impl Front {
@@ -135,6 +143,18 @@ impl Front {
                 );
                 continue;
             };
+            let Some(handshake) = self.handshakes.try_acquire(remote.ip()) else {
+                drop(tcp);
+                self.refused(
+                    &Refusal::new(
+                        RefusalReason::TooManyHandshakes,
+                        None,
+                        "too many handshakes in progress from this address",
+                    ),
+                    remote,
+                );
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let front = self.clone();
             // Taken at every accept: a reload (SIGHUP) applies to the next handshake.
@@ -145,19 +165,26 @@ impl Front {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 front
-                    .connection(tcp, remote, acceptor, kind, shutdown)
+                    .connection(tcp, remote, acceptor, kind, handshake, shutdown)
                     .await;
                 drop(permit);
             });
         }
     }
 
+    /// Count a refusal, and audit it: on its own when it names someone, in the window's tally
+    /// when it names no one.
     fn refused(&self, refusal: &Refusal, remote: SocketAddr) {
         let reason = refusal.reason.as_str();
         self.metrics
             .auth_failures
             .with_label_values(&[reason])
             .inc();
+        if refusal.is_anonymous() {
+            tracing::debug!(%remote, reason, detail = %refusal.detail, "connection refused");
+            self.anonymous_refusals.count(refusal.reason, remote);
+            return;
+        }
         tracing::info!(%remote, reason, device_id = refusal.claimed_id.as_deref().unwrap_or("-"), detail = %refusal.detail, "connection refused");
         self.audit.record(AuditEvent::new(
             refusal.claimed_id.as_deref().unwrap_or("-"),
@@ -173,6 +200,7 @@ impl Front {
         remote: SocketAddr,
         acceptor: TlsAcceptor,
         listener: Listener,
+        handshake: sources::HandshakeSlot,
         shutdown: CancellationToken,
     ) {
         let tls = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
@@ -269,6 +297,7 @@ impl Front {
         {
             Ok(identity) => identity,
             Err(refusal) => {
+                drop(handshake);
                 let _ = client_wr
                     .write_all(&codec::connack(refusal.reason.connack_code()))
                     .await;
@@ -278,6 +307,7 @@ impl Front {
             }
         };
 
+        drop(handshake);
         let role = identity.principal.role;
         let admitted = Admitted {
             identity,

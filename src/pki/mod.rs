@@ -734,6 +734,12 @@ impl Pki {
         self.material().trust.identify(chain)
     }
 
+    /// Check a device's PKCS#10 CSR (PEM) as [`Pki::sign_csr`] does, without signing it: the
+    /// parse, key policy, proof of possession and subject checks every CSR a device sends meets.
+    pub fn check_csr(device_id: &str, csr_pem: &str) -> Result<(), CsrError> {
+        issue::check_csr(device_id, csr_pem).map(|_| ())
+    }
+
     /// Sign a device's PKCS#10 CSR (PEM) as an operational certificate with CN = `device_id`,
     /// clientAuth EKU, validity `device_cert_days`. Verifies the CSR's signature, its subject
     /// (CN must be `device_id` or absent) and its key (EC P-256/P-384, Ed25519, RSA >= 2048).

@@ -693,6 +693,9 @@ pub trait Store: Send + Sync + 'static {
     async fn append_event(&self, event: AuditEvent) -> StoreResult<()>;
     /// Oldest first; `limit` newest rows at most.
     async fn events(&self, device_id: &str, limit: u32) -> StoreResult<Vec<AuditEvent>>;
+    /// Delete at most `batch` audit rows older than `cutoff` (oldest first); returns how many
+    /// went. Retention calls it until fewer than `batch` go, so no statement holds long locks.
+    async fn delete_events_before(&self, cutoff: OffsetDateTime, batch: u32) -> StoreResult<u64>;
 
     // ---- admin idempotency ------------------------------------------------------------------
     /// Remember an admin command's reply; `Ok(false)` if `request_id` was already recorded.

@@ -1666,6 +1666,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn delete_events_before(&self, cutoff: OffsetDateTime, batch: u32) -> StoreResult<u64> {
+        self.write(move |tx| {
+            let deleted = exec(
+                tx,
+                "DELETE FROM onboarding_events WHERE id IN (
+                   SELECT id FROM onboarding_events WHERE at < ?1 ORDER BY id LIMIT ?2)",
+                params![micros(cutoff)?, i64::from(batch)],
+            )?;
+            Ok(deleted as u64)
+        })
+        .await
+    }
+
     // ---- admin idempotency --------------------------------------------------------------------
 
     async fn record_admin_reply(

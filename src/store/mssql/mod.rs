@@ -1321,6 +1321,19 @@ impl Store for MssqlStore {
         .await
     }
 
+    async fn delete_events_before(&self, cutoff: OffsetDateTime, batch: u32) -> StoreResult<u64> {
+        let sql = &self.sql.delete_events_before;
+        let cutoff = to_db_time(cutoff);
+        let batch = i64::from(batch);
+        self.run("delete_events_before", |mut c| {
+            Box::pin(async move {
+                c.execute("delete_events_before", sql, &[&cutoff, &batch])
+                    .await
+            })
+        })
+        .await
+    }
+
     // ---- admin idempotency --------------------------------------------------------------
 
     async fn record_admin_reply(

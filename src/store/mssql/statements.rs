@@ -79,6 +79,8 @@ statements! {
     firmware_job,
     latest_firmware_job,
     events,
+    /// At most @P2 audit rows older than @P1, oldest first (one batch of retention).
+    delete_events_before,
     insert_admin_reply,
     admin_reply,
 }
@@ -315,6 +317,11 @@ impl Statements {
                    FROM {s}.onboard_events AS x WHERE x.device_id = @P1 \
                    ORDER BY x.occurred_at DESC, x.id DESC) AS e \
                  ORDER BY e.occurred_at, e.id"
+            ),
+            delete_events_before: format!(
+                "DELETE x FROM {s}.onboard_events AS x WHERE x.id IN (\
+                   SELECT TOP (@P2) o.id FROM {s}.onboard_events AS o \
+                   WHERE o.occurred_at < @P1 ORDER BY o.id)"
             ),
             insert_admin_reply: format!(
                 "INSERT INTO {s}.onboard_admin_replies (request_id, reply, created_at) \
