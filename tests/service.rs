@@ -15,7 +15,15 @@ use x509_parser::prelude::*;
 async fn sighup_rotates_the_server_certificate_and_keeps_connections() {
     let dir = tempfile::tempdir().unwrap();
     let config = init_pki(dir.path());
-    config_file(dir.path(), "");
+    let templates = dir.path().join("templates");
+    std::fs::create_dir(&templates).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/templates");
+    std::fs::copy(
+        shipped.join("thermostat.toml"),
+        templates.join("thermostat.toml"),
+    )
+    .unwrap();
+    config_file_with_templates(dir.path(), "", &templates);
     let served = Served::start(dir.path(), &[], &[]);
     let ca = served.server_ca_pem();
     let first = served.server_certificate(&ca).await;
@@ -40,6 +48,16 @@ async fn sighup_rotates_the_server_certificate_and_keeps_connections() {
     let resp = before
         .request_enroll("rot-1", &json!({"request_id": "r-1"}))
         .await;
+    assert_eq!(resp["status"], "accepted", "{resp}");
+
+    // Templates: a new device type is known after the next reload, not before.
+    std::fs::write(templates.join("valve.toml"), "[settings]\nopen = false\n").unwrap();
+    let valve = json!({"request_id": "r-2", "device_type": "valve"});
+    let resp = before.request_enroll("rot-1", &valve).await;
+    assert_eq!(resp["error"]["code"], "unknown_device_type", "{resp}");
+    assert_eq!(served.reload().await, ReloadResult::Ok);
+    let valve = json!({"request_id": "r-3", "device_type": "valve"});
+    let resp = before.request_enroll("rot-1", &valve).await;
     assert_eq!(resp["status"], "accepted", "{resp}");
 
     // A bad file: the reload is refused, counted and logged, and the old material stays.
