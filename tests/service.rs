@@ -66,6 +66,13 @@ async fn sighup_rotates_the_server_certificate_and_keeps_connections() {
     assert_eq!(served.server_certificate(&ca).await, now);
     let log = served.log().join("\n");
     assert!(log.contains("reload failed"), "{log}");
+    // So is a configuration file that no longer parses.
+    std::fs::write(pki.join("server.pem"), &rotated).unwrap();
+    let good = std::fs::read_to_string(dir.path().join("onboard.toml")).unwrap();
+    std::fs::write(dir.path().join("onboard.toml"), "[pki]\nno_such_key = 1\n").unwrap();
+    assert_eq!(served.reload().await, ReloadResult::Error);
+    std::fs::write(dir.path().join("onboard.toml"), good).unwrap();
+    assert_eq!(served.reload().await, ReloadResult::Ok);
     assert!(!before.closed_within(std::time::Duration::ZERO).await);
 }
 
