@@ -28,11 +28,26 @@ async fn sighup_rotates_the_server_certificate_and_keeps_connections() {
     let ca = served.server_ca_pem();
     let first = served.server_certificate(&ca).await;
 
-    // A device connected before the rotation.
+    // Devices connected before the rotation, on both listeners.
     let factory = served.factory("rot-1");
     let mut before = Client::connect(served.mtls_options("rot-1", &factory))
         .await
         .expect("connects");
+    let factory = served.factory("pw-1");
+    let mut boot = Client::connect(served.mtls_options("pw-1", &factory))
+        .await
+        .expect("connects");
+    let resp = boot
+        .request_enroll(
+            "pw-1",
+            &json!({"request_id": "p", "credential": "password"}),
+        )
+        .await;
+    boot.disconnect().await;
+    let password = resp["credential"]["password"].as_str().expect("password");
+    let mut pw = options("pw-1", served.password_addr, client_tls(&ca, None));
+    pw.set_credentials("pw-1", password);
+    let mut password_device = Client::connect(pw).await.expect("password device connects");
 
     let pki = &config.pki.dir;
     std::fs::remove_file(pki.join("server.pem")).unwrap();
@@ -49,6 +64,15 @@ async fn sighup_rotates_the_server_certificate_and_keeps_connections() {
         .request_enroll("rot-1", &json!({"request_id": "r-1"}))
         .await;
     assert_eq!(resp["status"], "accepted", "{resp}");
+
+    let code = password_device
+        .subscribe("devices/pw-1/config", QoS::AtLeastOnce)
+        .await;
+    assert_eq!(
+        code,
+        rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    assert!(password_device.recv_json("devices/pw-1/config").await["version"] == 1);
 
     // Templates: a new device type is known after the next reload, not before.
     std::fs::write(templates.join("valve.toml"), "[settings]\nopen = false\n").unwrap();
