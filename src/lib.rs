@@ -11,7 +11,8 @@
 //! ```
 //!
 //! - [`config`]: the TOML file and its `ONBOARD_<SECTION>_<KEY>` overrides.
-//! - [`pki`]: CAs, client-certificate verification, issuing operational credentials.
+//! - [`pki`]: CAs, client-certificate verification (with the admin revocation list and the
+//!   operational CAs a rotation retired), issuing operational credentials, `pki check`.
 //! - [`front`]: TLS accept, who the client is (role + device id), the topic rules; serves
 //!   bootstrap and device sessions itself and relays admins to the broker.
 //! - [`topics`]: the topic vocabulary, built and parsed in one place; which topics are private
@@ -30,7 +31,7 @@
 //! - [`import`]: bulk provisioning from CSV.
 //! - [`store`]: the inventory trait with its `sqlite` and `mssql` backends.
 //! - [`metrics`]: Prometheus registry and the `/metrics`, `/healthz`, `/readyz` endpoint.
-//! - [`gateway`]: wires everything into one running process.
+//! - [`gateway`]: wires everything into one running process; reloads its PKI and templates.
 //! - [`simulate`]: the fleet simulator behind `onboard simulate` and the benchmarks.
 //! - [`cli`]: the `onboard` command line.
 

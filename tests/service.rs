@@ -15,16 +15,39 @@ use x509_parser::prelude::*;
 async fn sighup_rotates_the_server_certificate_and_keeps_connections() {
     let dir = tempfile::tempdir().unwrap();
     let config = init_pki(dir.path());
-    config_file(dir.path(), "");
+    let templates = dir.path().join("templates");
+    std::fs::create_dir(&templates).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/templates");
+    std::fs::copy(
+        shipped.join("thermostat.toml"),
+        templates.join("thermostat.toml"),
+    )
+    .unwrap();
+    config_file_with_templates(dir.path(), "", &templates);
     let served = Served::start(dir.path(), &[], &[]);
     let ca = served.server_ca_pem();
     let first = served.server_certificate(&ca).await;
 
-    // A device connected before the rotation.
+    // Devices connected before the rotation, on both listeners.
     let factory = served.factory("rot-1");
     let mut before = Client::connect(served.mtls_options("rot-1", &factory))
         .await
         .expect("connects");
+    let factory = served.factory("pw-1");
+    let mut boot = Client::connect(served.mtls_options("pw-1", &factory))
+        .await
+        .expect("connects");
+    let resp = boot
+        .request_enroll(
+            "pw-1",
+            &json!({"request_id": "p", "credential": "password"}),
+        )
+        .await;
+    boot.disconnect().await;
+    let password = resp["credential"]["password"].as_str().expect("password");
+    let mut pw = options("pw-1", served.password_addr, client_tls(&ca, None));
+    pw.set_credentials("pw-1", password);
+    let mut password_device = Client::connect(pw).await.expect("password device connects");
 
     let pki = &config.pki.dir;
     std::fs::remove_file(pki.join("server.pem")).unwrap();
@@ -42,12 +65,38 @@ async fn sighup_rotates_the_server_certificate_and_keeps_connections() {
         .await;
     assert_eq!(resp["status"], "accepted", "{resp}");
 
+    let code = password_device
+        .subscribe("devices/pw-1/config", QoS::AtLeastOnce)
+        .await;
+    assert_eq!(
+        code,
+        rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    assert!(password_device.recv_json("devices/pw-1/config").await["version"] == 1);
+
+    // Templates: a new device type is known after the next reload, not before.
+    std::fs::write(templates.join("valve.toml"), "[settings]\nopen = false\n").unwrap();
+    let valve = json!({"request_id": "r-2", "device_type": "valve"});
+    let resp = before.request_enroll("rot-1", &valve).await;
+    assert_eq!(resp["error"]["code"], "unknown_device_type", "{resp}");
+    assert_eq!(served.reload().await, ReloadResult::Ok);
+    let valve = json!({"request_id": "r-3", "device_type": "valve"});
+    let resp = before.request_enroll("rot-1", &valve).await;
+    assert_eq!(resp["status"], "accepted", "{resp}");
+
     // A bad file: the reload is refused, counted and logged, and the old material stays.
     std::fs::write(pki.join("server.pem"), "not a certificate").unwrap();
     assert_eq!(served.reload().await, ReloadResult::Error);
     assert_eq!(served.server_certificate(&ca).await, now);
     let log = served.log().join("\n");
     assert!(log.contains("reload failed"), "{log}");
+    // So is a configuration file that no longer parses.
+    std::fs::write(pki.join("server.pem"), &rotated).unwrap();
+    let good = std::fs::read_to_string(dir.path().join("onboard.toml")).unwrap();
+    std::fs::write(dir.path().join("onboard.toml"), "[pki]\nno_such_key = 1\n").unwrap();
+    assert_eq!(served.reload().await, ReloadResult::Error);
+    std::fs::write(dir.path().join("onboard.toml"), good).unwrap();
+    assert_eq!(served.reload().await, ReloadResult::Ok);
     assert!(!before.closed_within(std::time::Duration::ZERO).await);
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::config::{Config, PkiConfig};
-use crate::pki::check::{self, Status};
+use crate::pki::check;
 
 /// The `[pki]` section with `--dir` in place of its directory.
 fn pki_config(config: &Config, dir: Option<PathBuf>) -> PkiConfig {
@@ -52,7 +52,6 @@ pub fn check(config: &Config, dir: Option<PathBuf>) -> Result<()> {
             pki.dir.display()
         );
     }
-    debug_assert!(report.findings.iter().all(|f| f.status != Status::Problem));
     Ok(())
 }
 

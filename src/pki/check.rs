@@ -196,21 +196,29 @@ fn read_first_certificate(dir: &Path, name: &Path, report: &mut Report) -> Optio
     }
 }
 
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
 fn validity(name: &Path, cert: &X509Certificate<'_>, now: OffsetDateTime, report: &mut Report) {
-    let not_before = cert.validity().not_before.to_datetime();
-    let not_after = cert.validity().not_after.to_datetime();
+    let (not_before, not_after) = (
+        cert.validity().not_before.to_datetime(),
+        cert.validity().not_after.to_datetime(),
+    );
+    let (from, until) = (rfc3339(not_before), rfc3339(not_after));
     let (status, detail) = if now < not_before {
-        (Status::Problem, format!("not valid before {not_before}"))
+        (Status::Problem, format!("not valid before {from}"))
     } else if now > not_after {
-        (Status::Problem, format!("expired at {not_after}"))
+        (Status::Problem, format!("expired at {until}"))
     } else if not_after - now < EXPIRY_WARNING {
         let days = (not_after - now).whole_days();
         (
             Status::Warn,
-            format!("expires in {days} day(s), at {not_after}"),
+            format!("expires in {days} day(s), at {until}"),
         )
     } else {
-        (Status::Ok, format!("valid until {not_after}"))
+        (Status::Ok, format!("valid until {until}"))
     };
     report.add(name, Check::Validity, status, detail);
 }

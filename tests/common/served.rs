@@ -29,6 +29,11 @@ pub struct Served {
 /// The configuration file of a test gateway in `dir`, plus `extra` TOML lines appended under
 /// their own section headers.
 pub fn config_file(dir: &Path, extra: &str) -> PathBuf {
+    config_file_with_templates(dir, extra, &test_config(dir).enrollment.templates_dir)
+}
+
+/// [`config_file`] with its own templates directory.
+pub fn config_file_with_templates(dir: &Path, extra: &str, templates: &Path) -> PathBuf {
     let c = test_config(dir);
     let path = dir.join("onboard.toml");
     let text = format!(
@@ -37,7 +42,7 @@ pub fn config_file(dir: &Path, extra: &str) -> PathBuf {
          [enrollment]\ntemplates_dir = \"{}\"\n\n[lifecycle]\nsweep_interval_ms = 100\n\n\
          [pki]\ndir = \"{}\"\n{extra}",
         c.store.url,
-        c.enrollment.templates_dir.display(),
+        templates.display(),
         c.pki.dir.display(),
     );
     std::fs::write(&path, text).expect("config file");
