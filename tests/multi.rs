@@ -109,6 +109,28 @@ async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other() {
         "config reached B after {config_delay:?}"
     );
 
+    // A firmware job created on A is retained for the device on B; its progress, reported
+    // to B, is what A reads back.
+    let firmware_topic = format!("devices/{id}/firmware");
+    device.subscribe(&firmware_topic, QoS::AtLeastOnce).await;
+    let reply = admin_command(
+        &mut ops,
+        &format!("admin/devices/{id}/firmware"),
+        json!({
+            "request_id": "f-1", "version": "2.0.0", "url": "https://fw.example/t-2.0.0.bin",
+            "sha256": "ab".repeat(32), "size": 1024,
+        }),
+    )
+    .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let job_id = reply["result"]["job_id"]
+        .as_str()
+        .expect("job id")
+        .to_owned();
+    let job = device.recv_json(&firmware_topic).await;
+    assert_eq!(job["job_id"], job_id.as_str(), "{job}");
+    assert_eq!(job["version"], "2.0.0");
+
     // The admin on A revokes it: B disconnects it within the bound...
     let sent = Instant::now();
     let reply = admin_command(
