@@ -56,15 +56,34 @@ async fn config_version(device: &mut Client, topic: &str, version: i64) -> Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other() {
+    two_gateways_on_one_store(None, "multi-0001").await;
+}
+
+/// The same on SQL Server, when `ONBOARD_TEST_MSSQL_URL` names one (its default schema; the
+/// device id is unique to the run, so the database need not be empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other_on_sql_server() {
+    let Ok(url) = std::env::var("ONBOARD_TEST_MSSQL_URL") else {
+        println!("skipped: ONBOARD_TEST_MSSQL_URL is not set");
+        return;
+    };
+    let id = format!("multi-{}", uuid::Uuid::new_v4().simple());
+    two_gateways_on_one_store(Some(&url), &id).await;
+}
+
+async fn two_gateways_on_one_store(store_url: Option<&str>, id: &str) {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     write_config(dir, &format!("[store]\nchange_poll_ms = {POLL_MS}\n"));
+    let env: Vec<(&str, &str)> = store_url
+        .map(|url| ("ONBOARD_STORE_URL", url))
+        .into_iter()
+        .collect();
     // A creates the development PKI and the database; B starts on the same files.
-    let a = Served::start(dir);
-    let b = Served::start(dir);
+    let a = Served::start_with_env(dir, &env);
+    let b = Served::start_with_env(dir, &env);
 
     // Enrolled through A.
-    let id = "multi-0001";
     let mut bootstrap = connect(dir, &a, id, &issue(dir, "factory-ca", id)).await;
     let (csr, key) = csr_for(id);
     let answer = bootstrap

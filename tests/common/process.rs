@@ -15,8 +15,14 @@ pub struct Served {
 impl Served {
     /// Start `onboard serve --config onboard.toml` in `dir` and wait for its banner.
     pub fn start(dir: &Path) -> Served {
+        Served::start_with_env(dir, &[])
+    }
+
+    /// [`Served::start`] with environment variables (`ONBOARD_<SECTION>_<KEY>` overrides).
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_onboard"))
             .args(["serve", "--config", "onboard.toml"])
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
