@@ -56,6 +56,8 @@ pub struct Metrics {
     pub slow_client_disconnects: IntCounter,
     /// Gateway publishes to the broker (live views) dropped from its full queue.
     pub broker_publish_dropped: IntCounter,
+    /// `kind` = credentials | state | config | firmware: other gateways' changes applied here.
+    pub changes_applied: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -227,6 +229,12 @@ impl Metrics {
                 "onboard_broker_publish_dropped_total",
                 "Gateway publishes to the embedded broker dropped because its queue was full",
             ),
+            changes_applied: counter_vec(
+                r,
+                "onboard_changes_applied_total",
+                "Changes made through other gateways on the same store, applied here",
+                &["kind"],
+            ),
             registry,
         };
         metrics.initialise_series();
@@ -267,6 +275,9 @@ impl Metrics {
             ("enrollment", "admin"),
         ] {
             self.rollbacks.with_label_values(&[target, trigger]);
+        }
+        for kind in crate::store::ChangeKind::ALL {
+            self.changes_applied.with_label_values(&[kind.as_str()]);
         }
         for op in ["commit_enrollment", "activate", "device", "credential"] {
             self.store_errors.with_label_values(&[op]);

@@ -166,6 +166,20 @@ async fn two_gateways_on_one_store(store_url: Option<&str>, id: &str) {
     let revoke_delay = sent.elapsed();
     println!("change feed ({POLL_MS} ms poll): config after {config_delay:?}, revoke after {revoke_delay:?}");
 
+    // B counts what it applied from A; A applied nothing of its own.
+    let applied = |body: &str, kind: &str| {
+        metric_value(
+            body,
+            &format!(r#"onboard_changes_applied_total{{kind="{kind}"}}"#),
+        )
+    };
+    let on_b = http_get(b.metrics, "/metrics").await.1;
+    for kind in ["config", "firmware", "credentials", "state"] {
+        assert!(applied(&on_b, kind) >= 1.0, "{kind} on B");
+    }
+    let on_a = http_get(a.metrics, "/metrics").await.1;
+    assert_eq!(applied(&on_a, "config"), 0.0);
+
     // ...and refuses it the next time, as A does.
     for gateway in [&b, &a] {
         let refused = Client::connect(client_options(dir, gateway, id, &cred)).await;
