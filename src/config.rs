@@ -330,6 +330,12 @@ impl Config {
                 message: e.to_string(),
             });
         }
+        if self.store.change_poll_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "store.change_poll_ms",
+                message: "the change feed must be polled (at least every few seconds)".into(),
+            });
+        }
         if self.pki.factory_cas.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "pki.factory_cas",
@@ -392,6 +398,15 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn changes_reach_other_gateways_within_two_seconds_by_default() {
+        let store = StoreConfig::default();
+        assert!(store.change_poll_ms > 0 && store.change_poll_ms <= 2_000);
+        assert!(store.change_retention_secs * 1_000 > 10 * store.change_poll_ms);
+        let err = Config::from_toml("[store]\nchange_poll_ms = 0\n").expect_err("never polled");
+        assert!(err.to_string().contains("change_poll_ms"), "{err}");
     }
 
     #[test]

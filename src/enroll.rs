@@ -38,6 +38,9 @@ use crate::topics;
 pub const MAX_REQUEST_ID: usize = 64;
 /// Longest accepted metadata field (model, location, firmware version, device type).
 pub const MAX_FIELD: usize = 128;
+/// How long the factory certificate of a device that hung up is remembered for its requests.
+const FACTORY_MEMORY: Duration = Duration::from_secs(120);
+
 /// Back-off suggested when the store is down.
 const UNAVAILABLE_RETRY_MS: u64 = 5_000;
 
@@ -438,6 +441,7 @@ impl Enroller {
         self.answered
             .retain(|(device, _), a| a.at.elapsed() < ttl && self.lifecycle.is_awaiting(device));
         self.locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        self.sessions.prune_factories(FACTORY_MEMORY);
     }
 
     /// Handle one request of `device_id` and publish the answer on `enroll/D/response`
@@ -794,7 +798,6 @@ impl Enroller {
             }
             Err(e) => return Err(Rejection::from_store(&e)),
         }
-        self.sessions.take_factory(device_id);
         if revokes_others {
             // The credentials just revoked may not keep a live session.
             self.sessions.disconnect_role(device_id, Role::Device);

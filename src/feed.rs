@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::firmware::{is_terminal, job_document};
 use crate::bus::Bus;
 use crate::front::session::Sessions;
+use crate::metrics::Metrics;
 use crate::store::{Change, ChangeKind, DeviceState, Store, StoreError};
 use crate::topics;
 
@@ -101,6 +102,8 @@ pub struct Feed {
     pub store: Arc<dyn Store>,
     pub sessions: Arc<Sessions>,
     pub link: Bus,
+    /// Counts what is applied; times the feed's queries.
+    pub metrics: Arc<Metrics>,
     /// `[store] change_poll_ms`.
     pub poll: Duration,
     /// `[store] change_retention_secs`.
@@ -136,12 +139,19 @@ impl Feed {
         let mut applied = 0;
         let mut after = next.read_after();
         loop {
-            let page = self.store.changes_since(after, PAGE).await?;
+            let page = self
+                .metrics
+                .store_op("changes_since", self.store.changes_since(after, PAGE))
+                .await?;
             let full = page.len() == PAGE as usize;
             after = page.last().map_or(after, |c| c.id);
             for change in next.accept(page, Instant::now()) {
                 if change.origin != self.store.origin() {
                     self.apply(&change).await?;
+                    self.metrics
+                        .changes_applied
+                        .with_label_values(&[change.kind.as_str()])
+                        .inc();
                     applied += 1;
                 }
             }

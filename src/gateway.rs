@@ -329,6 +329,7 @@ impl Gateway {
             store: store.clone(),
             sessions: sessions.clone(),
             link: bus.clone(),
+            metrics: metrics.clone(),
             poll: Duration::from_millis(config.store.change_poll_ms.max(10)),
             retention: Duration::from_secs(config.store.change_retention_secs.max(1)),
         });

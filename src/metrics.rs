@@ -63,6 +63,8 @@ pub struct Metrics {
     pub ca_certificate_not_after: IntGaugeVec,
     /// `result` = ok | error; reloads of certificates, CAs and templates (SIGHUP).
     pub reloads: IntCounterVec,
+    /// `kind` = credentials | state | config | firmware: other gateways' changes applied here.
+    pub changes_applied: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -246,6 +248,12 @@ impl Metrics {
                 "Reloads of the PKI directory and templates (SIGHUP), by result",
                 &["result"],
             ),
+            changes_applied: counter_vec(
+                r,
+                "onboard_changes_applied_total",
+                "Changes made through other gateways on the same store, applied here",
+                &["kind"],
+            ),
             registry,
         };
         metrics.initialise_series();
@@ -286,6 +294,9 @@ impl Metrics {
             ("enrollment", "admin"),
         ] {
             self.rollbacks.with_label_values(&[target, trigger]);
+        }
+        for kind in crate::store::ChangeKind::ALL {
+            self.changes_applied.with_label_values(&[kind.as_str()]);
         }
         for result in ["ok", "error"] {
             self.reloads.with_label_values(&[result]);

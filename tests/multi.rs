@@ -56,15 +56,34 @@ async fn config_version(device: &mut Client, topic: &str, version: i64) -> Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other() {
+    two_gateways_on_one_store(None, "multi-0001").await;
+}
+
+/// The same on SQL Server, when `ONBOARD_TEST_MSSQL_URL` names one (its default schema; the
+/// device id is unique to the run, so the database need not be empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other_on_sql_server() {
+    let Ok(url) = std::env::var("ONBOARD_TEST_MSSQL_URL") else {
+        println!("skipped: ONBOARD_TEST_MSSQL_URL is not set");
+        return;
+    };
+    let id = format!("multi-{}", uuid::Uuid::new_v4().simple());
+    two_gateways_on_one_store(Some(&url), &id).await;
+}
+
+async fn two_gateways_on_one_store(store_url: Option<&str>, id: &str) {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     write_config(dir, &format!("[store]\nchange_poll_ms = {POLL_MS}\n"));
+    let env: Vec<(&str, &str)> = store_url
+        .map(|url| ("ONBOARD_STORE_URL", url))
+        .into_iter()
+        .collect();
     // A creates the development PKI and the database; B starts on the same files.
-    let a = Served::start(dir);
-    let b = Served::start(dir);
+    let a = Served::start_with_env(dir, &env);
+    let b = Served::start_with_env(dir, &env);
 
     // Enrolled through A.
-    let id = "multi-0001";
     let mut bootstrap = connect(dir, &a, id, &issue(dir, "factory-ca", id)).await;
     let (csr, key) = csr_for(id);
     let answer = bootstrap
@@ -109,6 +128,28 @@ async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other() {
         "config reached B after {config_delay:?}"
     );
 
+    // A firmware job created on A is retained for the device on B; its progress, reported
+    // to B, is what A reads back.
+    let firmware_topic = format!("devices/{id}/firmware");
+    device.subscribe(&firmware_topic, QoS::AtLeastOnce).await;
+    let reply = admin_command(
+        &mut ops,
+        &format!("admin/devices/{id}/firmware"),
+        json!({
+            "request_id": "f-1", "version": "2.0.0", "url": "https://fw.example/t-2.0.0.bin",
+            "sha256": "ab".repeat(32), "size": 1024,
+        }),
+    )
+    .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let job_id = reply["result"]["job_id"]
+        .as_str()
+        .expect("job id")
+        .to_owned();
+    let job = device.recv_json(&firmware_topic).await;
+    assert_eq!(job["job_id"], job_id.as_str(), "{job}");
+    assert_eq!(job["version"], "2.0.0");
+
     // The admin on A revokes it: B disconnects it within the bound...
     let sent = Instant::now();
     let reply = admin_command(
@@ -124,6 +165,20 @@ async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other() {
     );
     let revoke_delay = sent.elapsed();
     println!("change feed ({POLL_MS} ms poll): config after {config_delay:?}, revoke after {revoke_delay:?}");
+
+    // B counts what it applied from A; A applied nothing of its own.
+    let applied = |body: &str, kind: &str| {
+        metric_value(
+            body,
+            &format!(r#"onboard_changes_applied_total{{kind="{kind}"}}"#),
+        )
+    };
+    let on_b = http_get(b.metrics, "/metrics").await.1;
+    for kind in ["config", "firmware", "credentials", "state"] {
+        assert!(applied(&on_b, kind) >= 1.0, "{kind} on B");
+    }
+    let on_a = http_get(a.metrics, "/metrics").await.1;
+    assert_eq!(applied(&on_a, "config"), 0.0);
 
     // ...and refuses it the next time, as A does.
     for gateway in [&b, &a] {

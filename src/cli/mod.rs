@@ -456,6 +456,11 @@ async fn devices(cmd: DevicesCommand, config: &Config) -> Result<()> {
                 "last error:       {}",
                 d.last_error.as_deref().unwrap_or("")
             );
+            println!(
+                "factory issuer:   {} (serial {})",
+                d.factory_issuer.as_deref().unwrap_or(""),
+                d.factory_serial.as_deref().unwrap_or("")
+            );
             println!("credentials:");
             for c in credentials {
                 println!(

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
@@ -23,10 +24,10 @@ struct Entry {
 pub struct Sessions {
     by_id: DashMap<String, Vec<Entry>>,
     next: AtomicU64,
-    /// Serial of the factory certificate each device last bootstrapped with, kept after the
-    /// connection closes (a request is often handled after its publisher hung up) until the
-    /// enrollment takes it.
-    factory_serials: DashMap<String, FactoryIdentity>,
+    /// The factory certificate (issuer and serial) each device last bootstrapped with, and
+    /// when: kept after the connection closes (a request is often handled after its publisher
+    /// hung up) until [`Sessions::prune_factories`] finds it old and unused.
+    factories: DashMap<String, (FactoryIdentity, Instant)>,
 }
 
 /// Removes its session from the registry when dropped.
@@ -116,17 +117,21 @@ impl Sessions {
 
     /// Remember the factory certificate a bootstrap session of `key` connected with.
     pub fn record_factory(&self, key: &str, factory: FactoryIdentity) {
-        self.factory_serials.insert(key.to_owned(), factory);
+        self.factories
+            .insert(key.to_owned(), (factory, Instant::now()));
     }
 
     /// The factory certificate `key` last bootstrapped with.
     pub fn factory(&self, key: &str) -> Option<FactoryIdentity> {
-        self.factory_serials.get(key).map(|f| f.clone())
+        self.factories.get(key).map(|entry| entry.0.clone())
     }
 
-    /// The factory certificate `key` last bootstrapped with (and forget it).
-    pub fn take_factory(&self, key: &str) -> Option<FactoryIdentity> {
-        self.factory_serials.remove(key).map(|(_, factory)| factory)
+    /// Forget the factory certificates of devices with no bootstrap session, recorded more
+    /// than `max_age` ago.
+    pub fn prune_factories(&self, max_age: Duration) {
+        self.factories.retain(|key, (_, at)| {
+            at.elapsed() < max_age || self.is_connected(key, Role::Bootstrap)
+        });
     }
 
     pub fn is_connected(&self, key: &str, role: Role) -> bool {
@@ -158,10 +163,17 @@ mod tests {
         };
         let boot = sessions.register("d1", Role::Bootstrap, "f1", CancellationToken::new());
         sessions.record_factory("d1", factory.clone());
+        sessions.prune_factories(Duration::ZERO);
+        assert_eq!(
+            sessions.factory("d1"),
+            Some(factory.clone()),
+            "still connected"
+        );
         drop(boot);
-        assert_eq!(sessions.factory("d1"), Some(factory.clone()));
-        assert_eq!(sessions.take_factory("d1"), Some(factory));
-        assert_eq!(sessions.take_factory("d1"), None);
+        sessions.prune_factories(Duration::from_secs(60));
+        assert_eq!(sessions.factory("d1"), Some(factory), "recent");
+        sessions.prune_factories(Duration::ZERO);
+        assert_eq!(sessions.factory("d1"), None);
         assert_eq!(sessions.disconnect("d1"), 0);
     }
 

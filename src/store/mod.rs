@@ -4,8 +4,11 @@
 //!
 //! Every operation that the enrollment or lifecycle protocols rely on for atomicity is a single
 //! trait method, implemented as one transaction by each backend. Conditional transitions report
-//! whether they happened (`Ok(false)` when the row was not in the expected state), so two
-//! gateway instances sharing one database never both win.
+//! whether they happened (`Ok(false)` when the row was not in the expected state, or
+//! [`StoreError::WrongState`] naming the state found), so two gateway instances sharing one
+//! database never both win. Writes that end sessions or change retained topics also append to
+//! the change feed ([`Store::changes_since`]) in their transaction, which every gateway polls
+//! (see [`crate::feed`]).
 
 use std::fmt;
 use std::str::FromStr;

@@ -10,13 +10,21 @@ pub struct Served {
     child: Child,
     /// Its mTLS listener (devices and admins).
     pub mtls: SocketAddr,
+    /// Its metrics endpoint.
+    pub metrics: SocketAddr,
 }
 
 impl Served {
     /// Start `onboard serve --config onboard.toml` in `dir` and wait for its banner.
     pub fn start(dir: &Path) -> Served {
+        Served::start_with_env(dir, &[])
+    }
+
+    /// [`Served::start`] with environment variables (`ONBOARD_<SECTION>_<KEY>` overrides).
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_onboard"))
             .args(["serve", "--config", "onboard.toml"])
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -24,23 +32,30 @@ impl Served {
             .expect("onboard serve");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
-        let mtls = loop {
+        let (mtls, metrics) = loop {
             let line = lines
                 .next()
                 .expect("banner before exit")
                 .expect("stderr line");
             if let Some(rest) = line.strip_prefix("onboard listening: mTLS ") {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .expect("address")
-                    .parse()
-                    .expect("socket address");
+                let address = |text: &str| -> SocketAddr {
+                    let text = text.split(['/', ' ']).next().expect("address");
+                    text.parse().expect("socket address")
+                };
+                let metrics = rest
+                    .split_once("metrics http://")
+                    .map(|(_, m)| address(m))
+                    .expect("metrics address in the banner");
+                break (address(rest), metrics);
             }
         };
         // Keep draining its log so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Served { child, mtls }
+        Served {
+            child,
+            mtls,
+            metrics,
+        }
     }
 }
 

@@ -413,6 +413,8 @@ mod tests {
             .column("activated_at", ColumnType::Datetime2, null_dt())
             .column("activation_deadline", ColumnType::Datetime2, dt(at))
             .column("last_error", ColumnType::NVarchar, null_s())
+            .column("factory_issuer", ColumnType::NVarchar, s("CN=maker"))
+            .column("factory_serial", ColumnType::NVarchar, null_s())
             .build()
     }
 
@@ -425,6 +427,8 @@ mod tests {
         assert_eq!(d.location, None);
         assert_eq!(d.generation, 3);
         assert_eq!(d.activated_at, None);
+        assert_eq!(d.factory_issuer.as_deref(), Some("CN=maker"));
+        assert_eq!(d.factory_serial, None);
         assert_eq!(
             d.activation_deadline,
             Some(datetime!(2026-01-02 03:04:05.000006 UTC))

@@ -249,7 +249,6 @@ pub const DROP_SCHEMA: &str = "IF SCHEMA_ID(@P1) IS NOT NULL EXEC(N'DROP SCHEMA 
 
 /// Tables dropped by `drop_schema`, children first.
 pub const DROP_STATEMENTS: &[&str] = &[
-    "DROP TABLE IF EXISTS {schema}.onboard_changes",
     "DROP TABLE IF EXISTS {schema}.onboard_admin_replies",
     "DROP TABLE IF EXISTS {schema}.onboard_firmware_jobs",
     "DROP TABLE IF EXISTS {schema}.onboard_events",
@@ -257,6 +256,7 @@ pub const DROP_STATEMENTS: &[&str] = &[
     "DROP TABLE IF EXISTS {schema}.onboard_device_configs",
     "DROP TABLE IF EXISTS {schema}.onboard_credentials",
     "DROP TABLE IF EXISTS {schema}.onboard_devices",
+    "DROP TABLE IF EXISTS {schema}.onboard_changes",
     "DROP TABLE IF EXISTS {schema}.onboard_schema_migrations",
 ];
 
@@ -468,7 +468,13 @@ mod tests {
     #[test]
     fn pending_skips_applied_versions() {
         assert_eq!(pending(MIGRATIONS, &[]).len(), MIGRATIONS.len());
-        assert!(pending(MIGRATIONS, &[1]).is_empty());
+        let all: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+        assert!(pending(MIGRATIONS, &all).is_empty());
+        let after_first: Vec<i32> = pending(MIGRATIONS, &[1])
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        assert_eq!(after_first, all[1..]);
         assert_eq!(pending(MIGRATIONS, &[99]).len(), MIGRATIONS.len());
     }
 
