@@ -417,6 +417,9 @@ impl Gateway {
         let templates = Templates::load(&config.enrollment.templates_dir)?;
         let pki = self.pki.reload(&config.pki)?;
         self.templates.adopt(&templates);
+        if let Err(e) = self.metrics.refresh_pki_expiry(&config.pki) {
+            tracing::warn!(error = %e, "CA certificate expiry not exported after the reload");
+        }
         let revoked = &pki.revoked_admins;
         let disconnected = self
             .sessions
