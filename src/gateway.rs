@@ -262,6 +262,10 @@ impl Gateway {
             Duration::from_millis(config.limits.anonymous_refusal_window_ms),
             audit.clone(),
         );
+        let max_connections = connection_limit(config.server.max_connections);
+        metrics
+            .connections_max
+            .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
         let front = Arc::new(Front {
             pki: pki.clone(),
             auth: Authenticator {
@@ -287,9 +291,7 @@ impl Gateway {
             write_timeout: Duration::from_millis(config.limits.write_timeout_ms.max(1)),
             max_packet: config.broker.max_payload_size,
             max_retained: config.limits.max_retained_bytes,
-            connection_slots: Arc::new(Semaphore::new(connection_limit(
-                config.server.max_connections,
-            ))),
+            connection_slots: Arc::new(Semaphore::new(max_connections)),
             handshakes: HandshakeSlots::new(config.limits.max_handshakes_per_source),
             anonymous_refusals: anonymous_refusals.clone(),
         });

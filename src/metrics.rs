@@ -50,6 +50,9 @@ pub struct Metrics {
     pub activation_queue_dropped: IntCounter,
     /// Operational certificates that expire within 30 days.
     pub certificates_expiring: IntGauge,
+    /// Client connections this gateway admits: `[server] max_connections`, or fewer when the
+    /// descriptor limit allows fewer.
+    pub connections_max: IntGauge,
     /// `result` = ok | error; admin commands answered.
     pub admin_commands: IntCounterVec,
     /// QoS 1 messages dropped from a full session queue (the oldest goes).
@@ -135,6 +138,14 @@ impl Metrics {
         registry
             .register(Box::new(certificates_expiring.clone()))
             .unwrap_or_else(|e| panic!("metric onboard_certificates_expiring: {e}"));
+        let connections_max = IntGauge::new(
+            "onboard_connections_max",
+            "Client connections this gateway admits (max_connections, or the descriptor limit)",
+        )
+        .unwrap_or_else(|e| panic!("metric onboard_connections_max: {e}"));
+        registry
+            .register(Box::new(connections_max.clone()))
+            .unwrap_or_else(|e| panic!("metric onboard_connections_max: {e}"));
         let metrics = Metrics {
             enrollment_requests: counter_vec(
                 r,
@@ -215,6 +226,7 @@ impl Metrics {
                 "Activation marks dropped because the queue for a down store was full",
             ),
             certificates_expiring,
+            connections_max,
             admin_commands: counter_vec(
                 r,
                 "onboard_admin_commands_total",
