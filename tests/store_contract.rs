@@ -1733,7 +1733,9 @@ async fn a_revoke_is_never_overwritten_by_a_rollback(cx: Ctx) {
         .transition(
             &d,
             &NOT_REVOKED,
-            TransitionTarget::new(DeviceState::Pending).releasing_factory(),
+            TransitionTarget::new(DeviceState::Pending)
+                .releasing_factory()
+                .revoking_credentials("enrollment_rolled_back"),
             event(&d, "enrollment_rolled_back"),
         )
         .await;
@@ -1753,6 +1755,36 @@ async fn a_revoke_is_never_overwritten_by_a_rollback(cx: Ctx) {
             .contains(&"enrollment_rolled_back".to_owned()),
         "no event without the change"
     );
+    let credential = s.credential(&cx.id("s1")).await.unwrap().unwrap();
+    assert!(
+        !credential.is_revoked(),
+        "a refused transition revokes nothing"
+    );
+
+    // A transition revoking the credentials does both in one transaction.
+    let c = cx.id("cut");
+    enroll(&cx, &c, "r-1", "c1").await;
+    let before = s.latest_change().await.unwrap();
+    let moved = s
+        .transition(
+            &c,
+            &NOT_REVOKED,
+            TransitionTarget::new(DeviceState::Revoked).revoking_credentials("device_revoked"),
+            event(&c, "device_revoked"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.revoked, [cx.id("c1")]);
+    let credential = s.credential(&cx.id("c1")).await.unwrap().unwrap();
+    assert_eq!(credential.revoke_reason.as_deref(), Some("device_revoked"));
+    let kinds: Vec<ChangeKind> = s
+        .changes_since(before, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|change| change.kind)
+        .collect();
+    assert_eq!(kinds, [ChangeKind::State, ChangeKind::Credentials]);
 
     // Two racing revocations: exactly one wins, the other finds the device revoked.
     let e = cx.id("twice");

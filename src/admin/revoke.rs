@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{parse_body, Admin, CommandError, ErrorCode};
-use crate::store::{AuditEvent, Device, DeviceState, StoreError, Transition, TransitionTarget};
+use crate::store::{AuditEvent, DeviceState, StoreError, Transition, TransitionTarget};
 use crate::topics;
 
 /// Longest revocation reason kept.
@@ -69,25 +69,13 @@ impl Admin {
         Ok(moved)
     }
 
-    /// Revoke every credential of the device, close its sessions and clear its retained
-    /// topics. Returns the revoked serials and how many sessions were closed.
-    async fn cut_off(
-        &self,
-        device: &Device,
-        reason: &str,
-    ) -> Result<(Vec<String>, usize), CommandError> {
-        let serials = self
-            .metrics
-            .store_op(
-                "revoke_device_credentials",
-                self.store.revoke_device_credentials(&device.id, reason),
-            )
-            .await
-            .map_err(|e| CommandError::store(&e))?;
-        let disconnected = self.sessions.disconnect(&device.id);
-        self.link.clear_retained(&topics::config(&device.id));
-        self.link.clear_retained(&topics::firmware(&device.id));
-        Ok((serials, disconnected))
+    /// After a transition that revoked the device's credentials: close its sessions and
+    /// clear its retained topics. Returns how many sessions were closed.
+    fn cut_off(&self, device_id: &str) -> usize {
+        let disconnected = self.sessions.disconnect(device_id);
+        self.link.clear_retained(&topics::config(device_id));
+        self.link.clear_retained(&topics::firmware(device_id));
+        disconnected
     }
 
     /// `admin/devices/D/revoke`.
@@ -125,7 +113,11 @@ impl Admin {
                 .map(|r| format!(": {r}"))
                 .unwrap_or_default()
         );
-        let target = TransitionTarget::new(DeviceState::Revoked).with_error(&last_error);
+        // The state and the credentials in one transaction: from here on every connect and
+        // enrollment of the device is refused, on every gateway.
+        let target = TransitionTarget::new(DeviceState::Revoked)
+            .with_error(&last_error)
+            .revoking_credentials("device_revoked");
         let moved = self
             .transition(
                 device_id,
@@ -135,7 +127,8 @@ impl Admin {
                 ErrorCode::AlreadyRevoked,
             )
             .await?;
-        let (serials, disconnected) = self.cut_off(&device, "device_revoked").await?;
+        let disconnected = self.cut_off(device_id);
+        let serials = moved.revoked.clone();
         self.audit.record(
             AuditEvent::new(
                 device_id,
@@ -205,23 +198,19 @@ impl Admin {
                 format!("device {device_id:?} is revoked; reinstate it instead"),
             ));
         }
-        let (serials, disconnected) = self.cut_off(&device, "enrollment_rolled_back").await?;
         let event = AuditEvent::new(
             device_id,
             "enrollment_rolled_back",
             actor,
-            json!({
-                "trigger": "admin",
-                "previous_state": device.state.as_str(),
-                "revoked_credentials": serials,
-                "disconnected": disconnected,
-            }),
+            json!({ "trigger": "admin", "previous_state": device.state.as_str() }),
         )
         .with_request(request_id);
         // A revocation that won the race (another admin, another gateway) is never
         // overwritten: the transition refuses a revoked device. The factory issuer binding is
         // released, so the device may come back through another maker's CA.
-        let target = TransitionTarget::new(DeviceState::Pending).releasing_factory();
+        let target = TransitionTarget::new(DeviceState::Pending)
+            .releasing_factory()
+            .revoking_credentials("enrollment_rolled_back");
         let moved = self
             .transition(
                 device_id,
@@ -231,6 +220,17 @@ impl Admin {
                 ErrorCode::DeviceRevoked,
             )
             .await?;
+        let disconnected = self.cut_off(device_id);
+        let serials = moved.revoked.clone();
+        self.audit.record(
+            AuditEvent::new(
+                device_id,
+                "credentials_revoked",
+                actor,
+                json!({ "serials": serials, "reason": "enrollment_rolled_back", "disconnected": disconnected }),
+            )
+            .with_request(request_id),
+        );
         self.metrics
             .rollbacks
             .with_label_values(&["enrollment", "admin"])

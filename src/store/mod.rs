@@ -347,6 +347,9 @@ pub struct TransitionTarget {
     pub last_error: Option<String>,
     /// Forget the factory issuer binding (an admin rollback of the enrollment).
     pub release_factory: bool,
+    /// Revoke every unrevoked credential of the device, with this reason, in the same
+    /// transaction (so no enrollment can slip in between the state and the revocation).
+    pub revoke_credentials: Option<String>,
 }
 
 impl TransitionTarget {
@@ -355,6 +358,7 @@ impl TransitionTarget {
             state,
             last_error: None,
             release_factory: false,
+            revoke_credentials: None,
         }
     }
 
@@ -367,6 +371,11 @@ impl TransitionTarget {
         self.release_factory = true;
         self
     }
+
+    pub fn revoking_credentials(mut self, reason: &str) -> TransitionTarget {
+        self.revoke_credentials = Some(reason.to_owned());
+        self
+    }
 }
 
 impl From<DeviceState> for TransitionTarget {
@@ -376,10 +385,12 @@ impl From<DeviceState> for TransitionTarget {
 }
 
 /// A state change that happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
     pub from: DeviceState,
     pub to: DeviceState,
+    /// Serials revoked with it ([`TransitionTarget::revoke_credentials`]), sorted.
+    pub revoked: Vec<String>,
 }
 
 /// The states a guarded transition may start from, padded to a fixed number of slots so

@@ -684,6 +684,34 @@ fn insert_change(
     Ok(())
 }
 
+/// Revoke every unrevoked credential of a device (announced on the change feed); returns
+/// their serials, sorted.
+fn revoke_all_tx(
+    tx: &Transaction<'_>,
+    origin: &str,
+    device_id: &str,
+    reason: &str,
+) -> StoreResult<Vec<String>> {
+    let serials = query_all(
+        tx,
+        "SELECT serial FROM credentials WHERE device_id = ?1 AND revoked_at IS NULL
+          ORDER BY serial",
+        [device_id],
+        |row| get::<String>(row, 0),
+    )?;
+    if serials.is_empty() {
+        return Ok(serials);
+    }
+    exec(
+        tx,
+        "UPDATE credentials SET revoked_at = ?3, revoke_reason = ?2
+          WHERE device_id = ?1 AND revoked_at IS NULL",
+        params![device_id, reason, now()?],
+    )?;
+    insert_change(tx, origin, device_id, ChangeKind::Credentials)?;
+    Ok(serials)
+}
+
 /// The device a credential belongs to, if any.
 fn credential_owner(conn: &Connection, serial: &str) -> StoreResult<Option<String>> {
     query_opt(
@@ -1120,10 +1148,15 @@ impl Store for SqliteStore {
                 });
             }
             insert_change(tx, &origin, &id, ChangeKind::State)?;
+            let revoked = match &to.revoke_credentials {
+                Some(reason) => revoke_all_tx(tx, &origin, &id, reason)?,
+                None => Vec::new(),
+            };
             insert_event(tx, &event)?;
             Ok(Transition {
                 from: previous,
                 to: to.state,
+                revoked,
             })
         })
         .await

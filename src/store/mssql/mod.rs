@@ -772,10 +772,27 @@ impl Store for MssqlStore {
                     };
                     let previous = rows::text(&row, "previous")?.parse::<DeviceState>()?;
                     insert_change(&mut c, &self.sql, &self.origin, id, ChangeKind::State).await?;
+                    let mut revoked = Vec::new();
+                    if let Some(reason) = to.revoke_credentials.as_deref() {
+                        let rows = c
+                            .query(
+                                "transition: revoke credentials",
+                                &self.sql.revoke_device_credentials,
+                                &[&id, &now, &reason],
+                            )
+                            .await?;
+                        revoked = collect(rows, |row| rows::text(row, "serial"))?;
+                        revoked.sort();
+                        if !revoked.is_empty() {
+                            let kind = ChangeKind::Credentials;
+                            insert_change(&mut c, &self.sql, &self.origin, id, kind).await?;
+                        }
+                    }
                     insert_event(&mut c, &self.sql, event).await?;
                     Ok(Transition {
                         from: previous,
                         to: to.state,
+                        revoked,
                     })
                 }
                 .await;
