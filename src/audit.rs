@@ -2,7 +2,8 @@
 //! the same transaction (and then only announced here); the rest (refused connections, denied
 //! topics, ...) go through a bounded queue to one writer task, so a flood of bad clients can
 //! neither block the front nor grow memory without bound. Every event is also published, QoS 0,
-//! on `admin/events/D/<event>` for live monitoring.
+//! on `admin/events/D/<event>` for live monitoring. Retention deletes rows older than
+//! `[store] audit_retention_days`, in batches.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! The TLS front: the only way in.
 //!
-//! For every accepted socket, in its own task (a slow or idle client delays nobody else):
+//! For every accepted socket, in its own task (a slow or idle client delays nobody else), once
+//! it holds a connection slot and one of its source address's handshake slots ([`sources`]):
 //! 1. TLS handshake, bounded by `handshake_timeout_ms`; on the mTLS listener the client
 //!    certificate is verified by [`crate::pki`] (chain, validity, clientAuth, key strength);
 //! 2. the MQTT CONNECT must follow within `connect_timeout_ms`;
@@ -13,7 +14,8 @@
 //!    - admins are relayed to the broker (`relay`), which fans out to their wildcards.
 //!
 //! Every PUBLISH and SUBSCRIBE is checked against [`rules::allowed`]; denied filters get
-//! SUBACK 0x80, a denied publish closes the connection.
+//! SUBACK 0x80, a denied publish closes the connection. Refusals that name no one are audited
+//! in aggregate ([`tally`]).
 
 pub mod codec;
 pub mod identity;
