@@ -938,7 +938,11 @@ mod tests {
     use super::*;
 
     fn templates() -> Templates {
-        Templates::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates"))).unwrap()
+        Templates::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/templates"
+        )))
+        .unwrap()
     }
 
     fn reject(payload: &[u8]) -> (Option<String>, Rejection) {

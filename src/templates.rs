@@ -166,7 +166,11 @@ mod tests {
 
     #[test]
     fn shipped_templates_render_the_contract_shape() {
-        let t = Templates::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates"))).unwrap();
+        let t = Templates::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/templates"
+        )))
+        .unwrap();
         assert_eq!(t.device_types(), ["sensor", "thermostat"]);
         let doc = t.render("thermostat", "t-1", 1).unwrap();
         assert_eq!(doc["device_id"], "t-1");

@@ -21,9 +21,9 @@ use time::OffsetDateTime;
 
 use crate::config::PkiConfig;
 
-mod expiry;
 pub mod check;
 mod crl;
+mod expiry;
 mod files;
 mod issue;
 mod tls;
@@ -32,8 +32,8 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
-pub use expiry::{certificate_expiry, CertificateExpiry, PkiCertificate};
 pub use crl::{revoke_admin, Revocation, RevokedAdmins};
+pub use expiry::{certificate_expiry, CertificateExpiry, PkiCertificate};
 pub use verify::ClientVerifier;
 
 /// The role a client certificate grants, decided by the CA that issued it.
