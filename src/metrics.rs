@@ -87,6 +87,14 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     metric
 }
 
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -130,22 +138,6 @@ impl Metrics {
         registry
             .register(Box::new(store_latency.clone()))
             .unwrap_or_else(|e| panic!("metric onboard_store_latency_seconds: {e}"));
-        let certificates_expiring = IntGauge::new(
-            "onboard_certificates_expiring",
-            "Unrevoked operational certificates that expire within 30 days",
-        )
-        .unwrap_or_else(|e| panic!("metric onboard_certificates_expiring: {e}"));
-        registry
-            .register(Box::new(certificates_expiring.clone()))
-            .unwrap_or_else(|e| panic!("metric onboard_certificates_expiring: {e}"));
-        let connections_max = IntGauge::new(
-            "onboard_connections_max",
-            "Client connections this gateway admits (max_connections, or the descriptor limit)",
-        )
-        .unwrap_or_else(|e| panic!("metric onboard_connections_max: {e}"));
-        registry
-            .register(Box::new(connections_max.clone()))
-            .unwrap_or_else(|e| panic!("metric onboard_connections_max: {e}"));
         let metrics = Metrics {
             enrollment_requests: counter_vec(
                 r,
@@ -225,8 +217,16 @@ impl Metrics {
                 "onboard_activation_queue_dropped_total",
                 "Activation marks dropped because the queue for a down store was full",
             ),
-            certificates_expiring,
-            connections_max,
+            certificates_expiring: gauge(
+                r,
+                "onboard_certificates_expiring",
+                "Unrevoked operational certificates that expire within 30 days",
+            ),
+            connections_max: gauge(
+                r,
+                "onboard_connections_max",
+                "Client connections this gateway admits (max_connections, or the descriptor limit)",
+            ),
             admin_commands: counter_vec(
                 r,
                 "onboard_admin_commands_total",

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::harness::*;
-use common::process::{write_config, Served};
+use common::served::{config_file, Served};
 use onboard::pki::{CertAndKey, CertOptions, Issuer};
 use rumqttc::{ConnectReturnCode, QoS};
 use serde_json::{json, Value};
@@ -34,7 +34,7 @@ fn client_options(
 ) -> rumqttc::MqttOptions {
     let ca = std::fs::read_to_string(dir.join("certs/operational-ca.pem")).expect("server CA");
     let tls = client_tls(&ca, Some((&cert.certificate_pem, &cert.private_key_pem)));
-    options(client_id, gateway.mtls, tls)
+    options(client_id, gateway.mtls_addr, tls)
 }
 
 fn issue(dir: &Path, ca: &str, name: &str) -> CertAndKey {
@@ -74,14 +74,13 @@ async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other_on_sql
 async fn two_gateways_on_one_store(store_url: Option<&str>, id: &str) {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    write_config(dir, &format!("[store]\nchange_poll_ms = {POLL_MS}\n"));
-    let env: Vec<(&str, &str)> = store_url
-        .map(|url| ("ONBOARD_STORE_URL", url))
-        .into_iter()
-        .collect();
+    config_file(dir, "");
+    let poll = POLL_MS.to_string();
+    let mut env = vec![("ONBOARD_STORE_CHANGE_POLL_MS", poll.as_str())];
+    env.extend(store_url.map(|url| ("ONBOARD_STORE_URL", url)));
     // A creates the development PKI and the database; B starts on the same files.
-    let a = Served::start_with_env(dir, &env);
-    let b = Served::start_with_env(dir, &env);
+    let a = Served::start(dir, &[], &env);
+    let b = Served::start(dir, &[], &env);
 
     // Enrolled through A.
     let mut bootstrap = connect(dir, &a, id, &issue(dir, "factory-ca", id)).await;
@@ -173,11 +172,11 @@ async fn two_gateways_on_one_store(store_url: Option<&str>, id: &str) {
             &format!(r#"onboard_changes_applied_total{{kind="{kind}"}}"#),
         )
     };
-    let on_b = http_get(b.metrics, "/metrics").await.1;
+    let on_b = http_get(b.metrics_addr, "/metrics").await.1;
     for kind in ["config", "firmware", "credentials", "state"] {
         assert!(applied(&on_b, kind) >= 1.0, "{kind} on B");
     }
-    let on_a = http_get(a.metrics, "/metrics").await.1;
+    let on_a = http_get(a.metrics_addr, "/metrics").await.1;
     assert_eq!(applied(&on_a, "config"), 0.0);
 
     // ...and refuses it the next time, as A does.

@@ -2,6 +2,5 @@
 #![allow(dead_code)]
 
 pub mod harness;
-pub mod process;
 pub mod served;
 pub mod store_fixtures;
