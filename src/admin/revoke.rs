@@ -69,12 +69,29 @@ impl Admin {
         Ok(moved)
     }
 
-    /// After a transition that revoked the device's credentials: close its sessions and
-    /// clear its retained topics. Returns how many sessions were closed.
-    fn cut_off(&self, device_id: &str) -> usize {
+    /// After a transition that revoked the device's credentials (`revoked`, for `reason`):
+    /// close its sessions, clear its retained topics and audit it. Returns how many sessions
+    /// were closed.
+    fn cut_off(
+        &self,
+        device_id: &str,
+        revoked: &[String],
+        reason: &str,
+        actor: &str,
+        request_id: &str,
+    ) -> usize {
         let disconnected = self.sessions.disconnect(device_id);
         self.link.clear_retained(&topics::config(device_id));
         self.link.clear_retained(&topics::firmware(device_id));
+        self.audit.record(
+            AuditEvent::new(
+                device_id,
+                "credentials_revoked",
+                actor,
+                json!({ "serials": revoked, "reason": reason, "disconnected": disconnected }),
+            )
+            .with_request(request_id),
+        );
         disconnected
     }
 
@@ -127,22 +144,18 @@ impl Admin {
                 ErrorCode::AlreadyRevoked,
             )
             .await?;
-        let disconnected = self.cut_off(device_id);
-        let serials = moved.revoked.clone();
-        self.audit.record(
-            AuditEvent::new(
-                device_id,
-                "credentials_revoked",
-                actor,
-                json!({ "serials": serials, "reason": "device_revoked", "disconnected": disconnected }),
-            )
-            .with_request(request_id),
+        let disconnected = self.cut_off(
+            device_id,
+            &moved.revoked,
+            "device_revoked",
+            actor,
+            request_id,
         );
         Ok(json!({
             "device_id": device_id,
             "state": "revoked",
             "previous_state": moved.from.as_str(),
-            "revoked_credentials": serials,
+            "revoked_credentials": moved.revoked,
             "disconnected": disconnected,
         }))
     }
@@ -220,16 +233,12 @@ impl Admin {
                 ErrorCode::DeviceRevoked,
             )
             .await?;
-        let disconnected = self.cut_off(device_id);
-        let serials = moved.revoked.clone();
-        self.audit.record(
-            AuditEvent::new(
-                device_id,
-                "credentials_revoked",
-                actor,
-                json!({ "serials": serials, "reason": "enrollment_rolled_back", "disconnected": disconnected }),
-            )
-            .with_request(request_id),
+        let disconnected = self.cut_off(
+            device_id,
+            &moved.revoked,
+            "enrollment_rolled_back",
+            actor,
+            request_id,
         );
         self.metrics
             .rollbacks
@@ -239,7 +248,7 @@ impl Admin {
             "device_id": device_id,
             "state": "pending",
             "previous_state": moved.from.as_str(),
-            "revoked_credentials": serials,
+            "revoked_credentials": moved.revoked,
             "disconnected": disconnected,
         }))
     }
