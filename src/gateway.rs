@@ -147,9 +147,9 @@ struct Hooks {
 
 #[async_trait::async_trait]
 impl FrontHooks for Hooks {
-    async fn device_reported(&self, device_id: &str, serial: &str) {
+    async fn device_reported(&self, device_id: &str, serial: &str) -> bool {
         let at = time::OffsetDateTime::now_utc();
-        self.lifecycle.activate(device_id, serial, at).await;
+        self.lifecycle.activate(device_id, serial, at).await
     }
 
     fn credential_first_use(&self, device_id: &str, serial: &str) {

@@ -141,9 +141,14 @@ impl Lifecycle {
 
     /// The device reported over `serial`: mark it active, or queue the mark while the store
     /// is down.
-    pub async fn activate(&self, device_id: &str, serial: &str, reported_at: OffsetDateTime) {
+    pub async fn activate(
+        &self,
+        device_id: &str,
+        serial: &str,
+        reported_at: OffsetDateTime,
+    ) -> bool {
         let Err(e) = self.record_activation(device_id, serial, reported_at).await else {
-            return;
+            return true;
         };
         let mut queue = self.queue();
         if queue.len() >= self.queue_limit {
@@ -157,6 +162,7 @@ impl Lifecycle {
                 reported_at,
             });
         }
+        false
     }
 
     /// Write one activation mark. `Err` only when the store is down (the mark should wait);

@@ -89,7 +89,10 @@ async fn enrollment_and_activation_while_the_store_is_down() {
         .await;
     assert!(active.recv_on("devices/up-1/state", WAIT).await.is_some());
 
-    // The enrolled device reports: its activation is queued, not lost.
+    // The enrolled device reports: its activation is queued, not lost, and the report is not
+    // acknowledged while the mark lives only in memory (the device sends it again when it
+    // reconnects, so a crash now loses nothing it was told).
+    let mut late_client = late_client;
     late_client
         .publish("devices/late-1/telemetry", QoS::AtLeastOnce, false, "1")
         .await;
@@ -97,6 +100,11 @@ async fn enrollment_and_activation_while_the_store_is_down() {
         t.gw.lifecycle.queued_activations() == 1
     })
     .await;
+    assert_eq!(
+        late_client.next_puback(Duration::from_millis(500)).await,
+        None,
+        "a report whose activation is only queued is not acknowledged"
+    );
 
     drop(unlock);
     eventually("late-1 active once the store is back", || async {
@@ -113,5 +121,4 @@ async fn enrollment_and_activation_while_the_store_is_down() {
     // And the retry now succeeds.
     let resp = t.enroll("down-1", json!({"request_id": "r"})).await;
     assert_eq!(resp["status"], "accepted", "{resp}");
-    let _ = Duration::ZERO;
 }

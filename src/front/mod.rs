@@ -70,9 +70,11 @@ pub struct Inbound {
 #[async_trait::async_trait]
 pub trait FrontHooks: Send + Sync + 'static {
     /// A device that is awaiting activation published its first report over its new credential.
-    /// Awaited before the report is acknowledged: a device told its report arrived is active
-    /// in the store (or queued for it while the store is down).
-    async fn device_reported(&self, device_id: &str, serial: &str);
+    /// Awaited before the report is acknowledged. `false` when the activation could not be
+    /// written (the store is down; it is queued in memory): the report is then not
+    /// acknowledged, so the device sends it again when it reconnects, and a crash before the
+    /// store is back loses nothing the device was told.
+    async fn device_reported(&self, device_id: &str, serial: &str) -> bool;
     /// A device connected for the first time with a credential issued by renewal.
     fn credential_first_use(&self, device_id: &str, serial: &str);
     /// An admin published a command on `admin/devices/D/...` or `admin/firmware`.

@@ -219,14 +219,16 @@ impl Served<'_> {
             self.front.denied(who, Action::Publish, topic, why);
             return Err(End::Denied(topic.to_owned(), why));
         }
+        let payload = bytes.slice_ref(publish.payload);
+        let acknowledged = self
+            .route(topic, payload, publish.qos, publish.retain)
+            .await;
         match (publish.qos, publish.pkid) {
+            _ if !acknowledged => {}
             (1, Some(id)) => outbox.push(&codec::ack(kind::PUBACK, id)),
             (2, Some(id)) => outbox.push(&codec::ack(kind::PUBREC, id)),
             _ => {}
         }
-        let payload = bytes.slice_ref(publish.payload);
-        self.route(topic, payload, publish.qos, publish.retain)
-            .await;
         Ok(())
     }
 
@@ -246,15 +248,19 @@ impl Served<'_> {
     }
 
     /// Pass on an allowed publish: to the gateway, to observers, to the client's own session.
-    async fn route(&mut self, topic: &str, payload: Bytes, qos: u8, retain: bool) {
+    /// `false` when it must not be acknowledged: the activation it reports could not be
+    /// written yet (the next report tries again).
+    async fn route(&mut self, topic: &str, payload: Bytes, qos: u8, retain: bool) -> bool {
         let identity = &self.admitted.identity;
         let who = &identity.principal;
+        let mut acknowledged = true;
         if self.awaiting_activation && rules::is_activation_report(&who.id, topic) {
-            self.awaiting_activation = false;
-            self.front
+            acknowledged = self
+                .front
                 .hooks
                 .device_reported(&who.id, &identity.serial)
                 .await;
+            self.awaiting_activation = !acknowledged;
         }
         if topics::is_for_gateway(topic) {
             let inbound = Inbound {
@@ -274,6 +280,7 @@ impl Served<'_> {
                 .mailboxes
                 .deliver(self.attached.key(), Message::new(topic, payload, qos));
         }
+        acknowledged
     }
 
     fn subscribe<W: AsyncWrite + Unpin>(
@@ -353,7 +360,9 @@ impl Served<'_> {
             && self
                 .may_publish(&topic, true, will.message.len())
                 .is_allowed();
-        self.route(&topic, will.message.clone(), will.qos as u8, retain)
+        // A will has no one to acknowledge it to.
+        let _ = self
+            .route(&topic, will.message.clone(), will.qos as u8, retain)
             .await;
     }
 

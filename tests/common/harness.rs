@@ -517,6 +517,19 @@ impl Client {
             .expect("publish queued");
     }
 
+    /// The packet id of the next PUBACK the server sends within `within`, if any.
+    pub async fn next_puback(&mut self, within: Duration) -> Option<u16> {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            match self.next_seen(until).await {
+                Some(Packet::PubAck(ack)) => return Some(ack.pkid),
+                Some(Packet::Publish(p)) => self.inbox.push(p),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
+
     /// The next publish on `topic`, or None within `within`.
     pub async fn recv_on(&mut self, topic: &str, within: Duration) -> Option<Publish> {
         if let Some(i) = self.inbox.iter().position(|p| p.topic == topic) {
