@@ -213,7 +213,50 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             reply nvarchar(max) NOT NULL, \
             created_at datetime2 NOT NULL)",
     ],
+}, Migration {
+    version: 2,
+    name: "identifiers compare exactly (binary collation)",
+    // The server's default collation compares case- and accent-insensitively: `ab` would find
+    // `AB`'s row. Every identifier column gets a binary collation; keys and indexes over one
+    // are dropped around the change and recreated as they were.
+    statements: &[
+        "ALTER TABLE {schema}.onboard_devices DROP CONSTRAINT pk_onboard_devices",
+        "ALTER TABLE {schema}.onboard_devices ALTER COLUMN id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_devices ALTER COLUMN current_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
+        "ALTER TABLE {schema}.onboard_devices ADD CONSTRAINT pk_onboard_devices PRIMARY KEY (id)",
+        "DROP INDEX ix_onboard_credentials_device ON {schema}.onboard_credentials",
+        "ALTER TABLE {schema}.onboard_credentials DROP CONSTRAINT pk_onboard_credentials",
+        "ALTER TABLE {schema}.onboard_credentials ALTER COLUMN serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_credentials ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_credentials ADD CONSTRAINT pk_onboard_credentials PRIMARY KEY (serial)",
+        "CREATE INDEX ix_onboard_credentials_device ON {schema}.onboard_credentials (device_id)",
+        "ALTER TABLE {schema}.onboard_device_configs DROP CONSTRAINT pk_onboard_device_configs",
+        "ALTER TABLE {schema}.onboard_device_configs ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_device_configs ADD CONSTRAINT pk_onboard_device_configs PRIMARY KEY (device_id, version)",
+        "ALTER TABLE {schema}.onboard_enrollments DROP CONSTRAINT pk_onboard_enrollments",
+        "ALTER TABLE {schema}.onboard_enrollments ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_enrollments ALTER COLUMN request_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_enrollments ALTER COLUMN serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_enrollments ADD CONSTRAINT pk_onboard_enrollments PRIMARY KEY (device_id, request_id)",
+        "DROP INDEX ix_onboard_events_device_at ON {schema}.onboard_events",
+        "ALTER TABLE {schema}.onboard_events ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_events ALTER COLUMN request_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
+        "CREATE INDEX ix_onboard_events_device_at ON {schema}.onboard_events (device_id, occurred_at, id)",
+        "DROP INDEX ix_onboard_firmware_jobs_device ON {schema}.onboard_firmware_jobs",
+        "ALTER TABLE {schema}.onboard_firmware_jobs DROP CONSTRAINT pk_onboard_firmware_jobs",
+        "ALTER TABLE {schema}.onboard_firmware_jobs ALTER COLUMN job_id nvarchar(64) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_firmware_jobs ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_firmware_jobs ADD CONSTRAINT pk_onboard_firmware_jobs PRIMARY KEY (job_id)",
+        "CREATE INDEX ix_onboard_firmware_jobs_device ON {schema}.onboard_firmware_jobs (device_id, seq)",
+        "ALTER TABLE {schema}.onboard_admin_replies DROP CONSTRAINT pk_onboard_admin_replies",
+        "ALTER TABLE {schema}.onboard_admin_replies ALTER COLUMN request_id nvarchar(256) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_admin_replies ADD CONSTRAINT pk_onboard_admin_replies PRIMARY KEY (request_id)",
+    ],
 }];
+
+/// The collation of every identifier column (migration 2): code-point comparison.
+#[cfg(test)]
+pub const ID_COLLATION: &str = "Latin1_General_100_BIN2";
 
 /// Creates the schema when it does not exist yet (never run for `dbo`). `CREATE SCHEMA` must
 /// be alone in its batch, hence the dynamic SQL; `@P1` is the bare schema name.
@@ -443,8 +486,66 @@ mod tests {
     #[test]
     fn pending_skips_applied_versions() {
         assert_eq!(pending(MIGRATIONS, &[]).len(), MIGRATIONS.len());
-        assert!(pending(MIGRATIONS, &[1]).is_empty());
+        assert_eq!(pending(MIGRATIONS, &[1]).len(), 1);
+        assert!(pending(MIGRATIONS, &[1, 2]).is_empty());
         assert_eq!(pending(MIGRATIONS, &[99]).len(), MIGRATIONS.len());
+    }
+
+    #[test]
+    fn every_identifier_column_gets_the_binary_collation() {
+        let collated: Vec<&str> = MIGRATIONS[1]
+            .statements
+            .iter()
+            .filter(|s| s.contains("ALTER COLUMN"))
+            .copied()
+            .collect();
+        for (table, column) in [
+            ("onboard_devices", "id"),
+            ("onboard_devices", "current_serial"),
+            ("onboard_credentials", "serial"),
+            ("onboard_credentials", "device_id"),
+            ("onboard_device_configs", "device_id"),
+            ("onboard_enrollments", "device_id"),
+            ("onboard_enrollments", "request_id"),
+            ("onboard_enrollments", "serial"),
+            ("onboard_events", "device_id"),
+            ("onboard_events", "request_id"),
+            ("onboard_firmware_jobs", "job_id"),
+            ("onboard_firmware_jobs", "device_id"),
+            ("onboard_admin_replies", "request_id"),
+        ] {
+            let needle = format!("{{schema}}.{table} ALTER COLUMN {column} ");
+            let statement = collated
+                .iter()
+                .find(|s| s.contains(&needle))
+                .unwrap_or_else(|| panic!("{table}.{column} keeps the default collation"));
+            assert!(
+                statement.contains(&format!("COLLATE {ID_COLLATION} ")),
+                "{statement}"
+            );
+        }
+        // Every key or index dropped is created again.
+        for statement in MIGRATIONS[1].statements {
+            if let Some(rest) = statement.split("DROP CONSTRAINT ").nth(1) {
+                assert!(
+                    MIGRATIONS[1]
+                        .statements
+                        .iter()
+                        .any(|s| s.contains(&format!("ADD CONSTRAINT {rest} PRIMARY KEY"))),
+                    "{rest}"
+                );
+            }
+            if let Some(rest) = statement.strip_prefix("DROP INDEX ") {
+                let name = rest.split(' ').next().unwrap_or_default();
+                assert!(
+                    MIGRATIONS[1]
+                        .statements
+                        .iter()
+                        .any(|s| s.starts_with(&format!("CREATE INDEX {name} "))),
+                    "{name}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! are always parameters (`@P1`, `@P2`, ...); the only text spliced in is the validated
 //! [`SchemaName`].
 
+use super::batch::NOT_FOUND;
 use super::rows::{
     CONFIG_COLUMNS, CREDENTIAL_COLUMNS, DEVICE_COLUMNS, EVENT_COLUMNS, FIRMWARE_COLUMNS,
 };
@@ -38,6 +39,12 @@ statements! {
     insert_device_for_enrollment,
     insert_credential,
     revoke_device_credentials,
+    /// `revoke_device_credentials` without reading the serials back (inside a batch).
+    revoke_device_credentials_quietly,
+    /// Raise `batch::NOT_FOUND` unless the device exists.
+    require_device,
+    /// Read a device's state into the batch variable `@previous_state`.
+    read_device_state,
     /// Insert configuration version latest + 1 (1 for the first) and return the new row.
     insert_next_config,
     set_device_state,
@@ -130,6 +137,18 @@ impl Statements {
                  FROM {s}.onboard_credentials AS c \
                  WHERE c.device_id = @P1 AND c.revoked_at IS NULL"
             ),
+            revoke_device_credentials_quietly: format!(
+                "UPDATE c SET c.revoked_at = @P2, c.revoke_reason = @P3 \
+                 FROM {s}.onboard_credentials AS c \
+                 WHERE c.device_id = @P1 AND c.revoked_at IS NULL"
+            ),
+            require_device: format!(
+                "IF NOT EXISTS (SELECT 1 FROM {s}.onboard_devices AS d WHERE d.id = @P1) \
+                 THROW {NOT_FOUND}, N'no such device', 1"
+            ),
+            read_device_state: format!(
+                "SELECT @previous_state = d.state FROM {s}.onboard_devices AS d WHERE d.id = @P1"
+            ),
             insert_next_config: format!(
                 "INSERT INTO {s}.onboard_device_configs \
                  (device_id, version, body, created_by, created_at) \
@@ -142,7 +161,6 @@ impl Statements {
             set_device_state: format!(
                 "UPDATE d SET d.state = @P2, \
                  d.last_error = CAST(@P3 AS nvarchar(max)), d.updated_at = @P4 \
-                 OUTPUT DELETED.state AS previous \
                  FROM {s}.onboard_devices AS d WHERE d.id = @P1"
             ),
             insert_firmware_job: format!(
