@@ -109,6 +109,9 @@ pub fn lock_resource(schema: &SchemaName) -> String {
 pub struct Migration {
     pub version: i32,
     pub name: &'static str,
+    /// A query that returns a row when the database needs none of the statements (the
+    /// migration is then only recorded).
+    pub skip_when: Option<&'static str>,
     /// Statements run in order inside one transaction.
     pub statements: &'static [&'static str],
 }
@@ -125,10 +128,13 @@ pub const CREATE_MIGRATIONS_TABLE: &str = "IF NOT EXISTS (SELECT 1 FROM sys.tabl
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "initial schema",
+    // Identifier columns are created with migration 2's binary collation (databases created
+    // before it was added get it from migration 2).
+    skip_when: None,
     statements: &[
         // The inventory: one row per device.
         "CREATE TABLE {schema}.onboard_devices (\
-            id nvarchar(128) NOT NULL CONSTRAINT pk_onboard_devices PRIMARY KEY, \
+            id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL CONSTRAINT pk_onboard_devices PRIMARY KEY, \
             device_type nvarchar(128) NOT NULL, \
             model nvarchar(400) NULL, \
             location nvarchar(400) NULL, \
@@ -137,7 +143,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
                 CHECK (state IN (N'pending', N'enrolling', N'active', N'failed', N'revoked')), \
             credential_kind nvarchar(16) NULL CONSTRAINT ck_onboard_devices_kind \
                 CHECK (credential_kind IN (N'certificate', N'password')), \
-            current_serial nvarchar(128) NULL, \
+            current_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL, \
             generation bigint NOT NULL, \
             created_at datetime2 NOT NULL, \
             updated_at datetime2 NOT NULL, \
@@ -148,9 +154,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE INDEX ix_onboard_devices_state ON {schema}.onboard_devices (state) INCLUDE (device_type)",
         // Issued credentials; password credentials keep only a salted hash.
         "CREATE TABLE {schema}.onboard_credentials (\
-            serial nvarchar(128) NOT NULL CONSTRAINT pk_onboard_credentials PRIMARY KEY, \
+            serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL CONSTRAINT pk_onboard_credentials PRIMARY KEY, \
             fingerprint varbinary(32) NOT NULL, \
-            device_id nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             kind nvarchar(16) NOT NULL CONSTRAINT ck_onboard_credentials_kind \
                 CHECK (kind IN (N'certificate', N'password')), \
             password_hash nvarchar(400) NULL, \
@@ -166,7 +172,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE INDEX ix_onboard_credentials_revoked ON {schema}.onboard_credentials (revoked_at)",
         // Configuration versions per device.
         "CREATE TABLE {schema}.onboard_device_configs (\
-            device_id nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             version bigint NOT NULL, \
             body nvarchar(max) NOT NULL, \
             created_by nvarchar(128) NOT NULL, \
@@ -176,27 +182,27 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             CONSTRAINT pk_onboard_device_configs PRIMARY KEY (device_id, version))",
         // Answered enrollments, for idempotent retries.
         "CREATE TABLE {schema}.onboard_enrollments (\
-            device_id nvarchar(128) NOT NULL, \
-            request_id nvarchar(128) NOT NULL, \
-            serial nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
+            request_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
+            serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             response nvarchar(max) NOT NULL, \
             created_at datetime2 NOT NULL, \
             CONSTRAINT pk_onboard_enrollments PRIMARY KEY (device_id, request_id))",
         // The audit log.
         "CREATE TABLE {schema}.onboard_events (\
             id bigint IDENTITY(1,1) NOT NULL CONSTRAINT pk_onboard_events PRIMARY KEY, \
-            device_id nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             occurred_at datetime2 NOT NULL, \
             event_name nvarchar(64) NOT NULL, \
             detail nvarchar(max) NOT NULL, \
             actor nvarchar(128) NOT NULL, \
-            request_id nvarchar(128) NULL)",
+            request_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL)",
         "CREATE INDEX ix_onboard_events_device_at ON {schema}.onboard_events (device_id, occurred_at, id)",
         // Firmware update jobs; `seq` orders jobs of one device by creation.
         "CREATE TABLE {schema}.onboard_firmware_jobs (\
-            job_id nvarchar(64) NOT NULL CONSTRAINT pk_onboard_firmware_jobs PRIMARY KEY, \
+            job_id nvarchar(64) COLLATE Latin1_General_100_BIN2 NOT NULL CONSTRAINT pk_onboard_firmware_jobs PRIMARY KEY, \
             seq bigint IDENTITY(1,1) NOT NULL, \
-            device_id nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             version nvarchar(128) NOT NULL, \
             url nvarchar(2048) NOT NULL, \
             sha256 nvarchar(128) NOT NULL, \
@@ -209,13 +215,20 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE INDEX ix_onboard_firmware_jobs_device ON {schema}.onboard_firmware_jobs (device_id, seq)",
         // Replies to admin commands, for idempotent retries.
         "CREATE TABLE {schema}.onboard_admin_replies (\
-            request_id nvarchar(256) NOT NULL CONSTRAINT pk_onboard_admin_replies PRIMARY KEY, \
+            request_id nvarchar(256) COLLATE Latin1_General_100_BIN2 NOT NULL CONSTRAINT pk_onboard_admin_replies PRIMARY KEY, \
             reply nvarchar(max) NOT NULL, \
             created_at datetime2 NOT NULL)",
     ],
 }, Migration {
     version: 2,
     name: "identifiers compare exactly (binary collation)",
+    // Nothing to do where migration 1 already created the columns with it (and Babelfish
+    // cannot change a column's collation).
+    skip_when: Some(
+        "SELECT 1 AS done FROM sys.columns AS c \
+         WHERE c.object_id = OBJECT_ID(N'{schema}.onboard_devices') AND c.name = N'id' \
+         AND UPPER(c.collation_name) LIKE N'%BIN2'",
+    ),
     // The server's default collation compares case- and accent-insensitively: `ab` would find
     // `AB`'s row. Every identifier column gets a binary collation; keys and indexes over one
     // are dropped around the change and recreated as they were.
@@ -438,7 +451,15 @@ async fn run_statements(
     schema: &SchemaName,
     migration: &Migration,
 ) -> StoreResult<()> {
-    for statement in migration.statements {
+    let skip = match migration.skip_when {
+        Some(query) => !conn
+            .query("migration check", &render(query, schema), &[])
+            .await?
+            .is_empty(),
+        None => false,
+    };
+    let statements = if skip { &[][..] } else { migration.statements };
+    for statement in statements {
         conn.batch("migration statement", &render(statement, schema))
             .await?;
     }
@@ -562,7 +583,7 @@ mod tests {
     fn templates() -> Vec<&'static str> {
         MIGRATIONS
             .iter()
-            .flat_map(|m| m.statements.iter().copied())
+            .flat_map(|m| m.statements.iter().copied().chain(m.skip_when))
             .chain([
                 CREATE_MIGRATIONS_TABLE,
                 CREATE_SCHEMA,

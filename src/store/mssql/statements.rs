@@ -111,7 +111,6 @@ impl Statements {
                  d.state = N'enrolling', d.credential_kind = @P6, d.current_serial = @P7, \
                  d.generation = d.generation + 1, d.updated_at = @P8, d.enrolled_at = @P8, \
                  d.activated_at = NULL, d.activation_deadline = @P9, d.last_error = NULL \
-                 OUTPUT INSERTED.generation \
                  FROM {s}.onboard_devices AS d \
                  WHERE d.id = @P1 AND d.generation = @P10 AND d.state <> N'revoked'"
             ),
