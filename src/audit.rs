@@ -2,18 +2,73 @@
 //! the same transaction (and then only announced here); the rest (refused connections, denied
 //! topics, ...) go through a bounded queue to one writer task, so a flood of bad clients can
 //! neither block the front nor grow memory without bound. Every event is also published, QoS 0,
-//! on `admin/events/D/<event>` for live monitoring.
+//! on `admin/events/D/<event>` for live monitoring. Retention deletes rows older than
+//! `[store] audit_retention_days`, in batches.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use time::OffsetDateTime;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::metrics::Metrics;
-use crate::store::{AuditEvent, Store};
+use crate::store::{AuditEvent, Store, StoreResult};
 
 /// Events waiting for the writer before new ones are dropped (and counted).
 const QUEUE: usize = 10_000;
+/// Audit rows deleted per statement by retention: short statements, short locks.
+pub const RETENTION_BATCH: u32 = 5_000;
+/// How often retention runs (after a first sweep at start).
+pub const RETENTION_EVERY: Duration = Duration::from_secs(3_600);
+
+/// Delete every audit row older than `keep_days` days, in batches; returns how many went.
+pub async fn sweep_retention(
+    store: &dyn Store,
+    metrics: &Metrics,
+    keep_days: u32,
+) -> StoreResult<u64> {
+    let cutoff = OffsetDateTime::now_utc() - time::Duration::days(i64::from(keep_days));
+    let mut deleted = 0;
+    loop {
+        let n = metrics
+            .store_op(
+                "delete_events_before",
+                store.delete_events_before(cutoff, RETENTION_BATCH),
+            )
+            .await?;
+        deleted += n;
+        if n < u64::from(RETENTION_BATCH) {
+            return Ok(deleted);
+        }
+    }
+}
+
+/// Audit retention: a sweep at start, then every [`RETENTION_EVERY`], until `shutdown`.
+/// `keep_days` 0 keeps everything.
+pub async fn run_retention(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    keep_days: u32,
+    shutdown: CancellationToken,
+) {
+    if keep_days == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(RETENTION_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match sweep_retention(store.as_ref(), &metrics, keep_days).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, keep_days, "audit rows past retention deleted"),
+            Err(e) => tracing::warn!(error = %e, "audit retention sweep failed; retried next hour"),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Auditor {

@@ -29,6 +29,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub lifecycle: LifecycleConfig,
     pub limits: LimitsConfig,
+    pub log: LogConfig,
 }
 
 /// Listeners that devices, admins and operators reach.
@@ -81,6 +82,12 @@ pub struct PkiConfig {
     pub device_cert_days: u32,
     /// A device id (certificate CN, client id, username) must match this regular expression.
     pub device_id_pattern: String,
+    /// Operational CA certificates (relative to `dir`) retired by a rotation: the certificates
+    /// they issued still authenticate devices; new ones come from `operational-ca.pem`.
+    pub previous_operational_cas: Vec<PathBuf>,
+    /// Revoked admin certificates: a CRL signed by the admin CA (relative to `dir`; a missing
+    /// file revokes nothing). Written by `onboard pki revoke-admin`, reloaded on SIGHUP.
+    pub admin_crl: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -136,6 +143,15 @@ pub struct StoreConfig {
     /// SQL Server: PEM (or DER) file of the CA that issued the server's certificate, trusted
     /// besides the system's roots. Not together with `trust_server_certificate`.
     pub ca_file: Option<PathBuf>,
+    /// How often the change feed is polled for what other gateways sharing the store
+    /// changed (revocations, configurations, firmware jobs): the bound on how late they
+    /// reach the devices connected here.
+    pub change_poll_ms: u64,
+    /// Change-feed rows older than this are deleted.
+    pub change_retention_secs: u64,
+    /// Audit rows older than this many days are deleted (at start, then hourly); 0 keeps
+    /// them for ever.
+    pub audit_retention_days: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -147,6 +163,23 @@ pub struct LifecycleConfig {
     pub renewal_grace_secs: u64,
     /// How often deadlines (activation, renewal grace) are checked.
     pub sweep_interval_ms: u64,
+}
+
+/// How `onboard serve` writes its log (to standard error).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, every field a key (for log shippers).
+    Json,
 }
 
 /// What one client may cost the gateway: every per-session queue and buffer is bounded here.
@@ -162,6 +195,12 @@ pub struct LimitsConfig {
     pub write_timeout_ms: u64,
     /// Credentials one device may be issued (enrollments and renewals) per rolling hour.
     pub credentials_per_device_per_hour: u32,
+    /// Connections one source address may have in the TLS handshake or before CONNECT at
+    /// once; past it a new socket is closed at once (`too_many_handshakes`).
+    pub max_handshakes_per_source: usize,
+    /// Refusals that name no one (scans, floods) are audited as one row per reason per this
+    /// many milliseconds, with the count and a few sample sources.
+    pub anonymous_refusal_window_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -171,6 +210,8 @@ impl Default for LimitsConfig {
             max_queued_per_device: 100,
             write_timeout_ms: 10_000,
             credentials_per_device_per_hour: 10,
+            max_handshakes_per_source: 32,
+            anonymous_refusal_window_ms: 60_000,
         }
     }
 }
@@ -208,6 +249,8 @@ impl Default for PkiConfig {
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             device_cert_days: 365,
             device_id_pattern: "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$".into(),
+            previous_operational_cas: Vec::new(),
+            admin_crl: PathBuf::from("admin-crl.pem"),
         }
     }
 }
@@ -237,6 +280,9 @@ impl Default for StoreConfig {
             pending_queue: 10_000,
             trust_server_certificate: false,
             ca_file: None,
+            change_poll_ms: 1_000,
+            change_retention_secs: 3_600,
+            audit_retention_days: 90,
         }
     }
 }
@@ -293,6 +339,12 @@ impl Config {
                 message: e.to_string(),
             });
         }
+        if self.store.change_poll_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "store.change_poll_ms",
+                message: "the change feed must be polled (at least every few seconds)".into(),
+            });
+        }
         if self.pki.factory_cas.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "pki.factory_cas",
@@ -339,10 +391,12 @@ impl Config {
 }
 
 /// `ONBOARD_STORE_URL` -> `store.url`: section names hold no underscore, so the first one
-/// separates section from key.
+/// separates section from key. `ONBOARD_LOG` (the log filter) and `ONBOARD_CONFIG` (the file)
+/// are the command line's, not keys.
 fn env_provider() -> Env {
     Env::prefixed("ONBOARD_")
         .map(|key| key.as_str().replacen('_', ".", 1).into())
+        .ignore(&["log", "config"])
         .lowercase(true)
 }
 
@@ -353,6 +407,15 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn changes_reach_other_gateways_within_two_seconds_by_default() {
+        let store = StoreConfig::default();
+        assert!(store.change_poll_ms > 0 && store.change_poll_ms <= 2_000);
+        assert!(store.change_retention_secs * 1_000 > 10 * store.change_poll_ms);
+        let err = Config::from_toml("[store]\nchange_poll_ms = 0\n").expect_err("never polled");
+        assert!(err.to_string().contains("change_poll_ms"), "{err}");
     }
 
     #[test]
@@ -373,9 +436,12 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("ONBOARD_STORE_URL", "sqlite://elsewhere.db");
             jail.set_env("ONBOARD_ENROLLMENT_ACTIVATION_TIMEOUT_SECS", "42");
+            jail.set_env("ONBOARD_LOG_FORMAT", "json");
+            jail.set_env("ONBOARD_LOG", "debug");
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(c.store.url, "sqlite://elsewhere.db");
             assert_eq!(c.enrollment.activation_timeout_secs, 42);
+            assert_eq!(c.log.format, LogFormat::Json);
             Ok(())
         });
     }

@@ -28,7 +28,8 @@ use crate::metrics::Metrics;
 use crate::pki::{CsrError, Pki, Role};
 use crate::quota::IssueQuota;
 use crate::store::{
-    AuditEvent, Credential, CredentialKind, DeviceState, EnrollmentCommit, Store, StoreError,
+    AuditEvent, Credential, CredentialKind, Device, DeviceState, EnrollmentCommit, FactoryIdentity,
+    Store, StoreError,
 };
 use crate::templates::{self, Templates};
 use crate::topics;
@@ -37,10 +38,14 @@ use crate::topics;
 pub const MAX_REQUEST_ID: usize = 64;
 /// Longest accepted metadata field (model, location, firmware version, device type).
 pub const MAX_FIELD: usize = 128;
+/// How long the factory certificate of a device that hung up is remembered for its requests.
+const FACTORY_MEMORY: Duration = Duration::from_secs(120);
+
 /// Back-off suggested when the store is down.
 const UNAVAILABLE_RETRY_MS: u64 = 5_000;
 
-/// Rejection codes of the contract (plus `already_enrolled` for `reenroll = "deny"`).
+/// Rejection codes of the contract (plus `already_enrolled` for `reenroll = "deny"`, and
+/// `issuer_mismatch` for a re-enrollment through another factory CA than the first one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     MalformedRequest,
@@ -51,12 +56,14 @@ pub enum ErrorCode {
     NotAllowlisted,
     DeviceRevoked,
     AlreadyEnrolled,
+    /// The device was first enrolled through another factory CA.
+    IssuerMismatch,
     RateLimited,
     Unavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::MalformedRequest,
         ErrorCode::CsrInvalid,
         ErrorCode::CsrSubjectMismatch,
@@ -65,6 +72,7 @@ impl ErrorCode {
         ErrorCode::NotAllowlisted,
         ErrorCode::DeviceRevoked,
         ErrorCode::AlreadyEnrolled,
+        ErrorCode::IssuerMismatch,
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
     ];
@@ -79,10 +87,19 @@ impl ErrorCode {
             ErrorCode::NotAllowlisted => "not_allowlisted",
             ErrorCode::DeviceRevoked => "device_revoked",
             ErrorCode::AlreadyEnrolled => "already_enrolled",
+            ErrorCode::IssuerMismatch => "issuer_mismatch",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
         }
     }
+}
+
+fn issuer_mismatch() -> Rejection {
+    Rejection::new(
+        ErrorCode::IssuerMismatch,
+        "this device was first enrolled with a certificate of another factory CA; an admin \
+         must roll its enrollment back before it enrolls through this one",
+    )
 }
 
 /// A rejection: code, human message, and for the retryable codes when to retry.
@@ -269,6 +286,19 @@ fn validate(
     })
 }
 
+/// The checks an enrollment request passes before the store or the PKI is asked: size, JSON
+/// shape, field lengths, credential kind and device type. The rejection is the one the device
+/// would receive.
+pub fn check_request(
+    payload: &[u8],
+    config: &EnrollmentConfig,
+    templates: &Templates,
+) -> Result<(), Rejection> {
+    validate(payload, config, templates)
+        .map(|_| ())
+        .map_err(|(_, rejection)| rejection)
+}
+
 fn csr_rejection(e: CsrError) -> Rejection {
     match e {
         CsrError::Invalid(m) => Rejection::new(ErrorCode::CsrInvalid, m),
@@ -411,6 +441,7 @@ impl Enroller {
         self.answered
             .retain(|(device, _), a| a.at.elapsed() < ttl && self.lifecycle.is_awaiting(device));
         self.locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        self.sessions.prune_factories(FACTORY_MEMORY);
     }
 
     /// Handle one request of `device_id` and publish the answer on `enroll/D/response`
@@ -434,12 +465,21 @@ impl Enroller {
                 (Some(id), self.enroll(device_id, v).await)
             }
         };
+        let role = Role::Bootstrap.as_str();
+        let request_id_field = request_id.as_deref().unwrap_or("-");
         let response = match outcome {
             Ok((response, result)) => {
                 self.metrics
                     .enrollment_requests
                     .with_label_values(&[result, "none"])
                     .inc();
+                tracing::info!(
+                    device_id,
+                    role,
+                    request_id = request_id_field,
+                    result,
+                    "enrollment answered"
+                );
                 response
             }
             Err(rejection) => {
@@ -447,6 +487,14 @@ impl Enroller {
                     .enrollment_requests
                     .with_label_values(&["rejected", rejection.code.as_str()])
                     .inc();
+                tracing::info!(
+                    device_id,
+                    role,
+                    request_id = request_id_field,
+                    result = "rejected",
+                    reason = rejection.code.as_str(),
+                    "enrollment answered"
+                );
                 let mut event = AuditEvent::new(
                     device_id,
                     "enrollment_rejected",
@@ -538,7 +586,9 @@ impl Enroller {
             }
             _ => {}
         }
-        if device.is_some() {
+        let factory = self.sessions.factory(device_id);
+        if let Some(d) = &device {
+            self.check_issuer(d, factory.as_ref())?;
             self.check_quota(device_id).await?;
         }
 
@@ -645,7 +695,7 @@ impl Enroller {
         let response = answer(credential_json);
         let stored_response = answer(redacted_json);
 
-        let factory_serial = self.sessions.take_factory_serial(device_id);
+        let factory_serial = factory.as_ref().map(|f| f.serial.clone());
         let mut events = Vec::new();
         if let Some(previous) = reenrolled_from {
             events.push(
@@ -713,6 +763,7 @@ impl Enroller {
             },
             response: stored_response,
             events: events.clone(),
+            factory: factory.clone(),
         };
         let revokes_others = commit.revoke_others.is_some();
         match self
@@ -729,6 +780,9 @@ impl Enroller {
                 );
             }
             Ok(_) => {}
+            Err(StoreError::Conflict(_)) if self.bound_elsewhere(device_id, &factory).await => {
+                return Err(issuer_mismatch());
+            }
             Err(StoreError::Conflict(_)) => {
                 // Another instance (or a retry) got there first: answer what it answered.
                 if let Ok(Some(stored)) =
@@ -773,6 +827,44 @@ impl Enroller {
             );
         }
         Ok((response, "accepted"))
+    }
+
+    /// Refuse a device bound to another factory CA than the one this request came through
+    /// (audited with both issuers). A device is bound at its first enrollment; an admin
+    /// rollback of the enrollment releases it.
+    fn check_issuer(
+        &self,
+        device: &Device,
+        factory: Option<&FactoryIdentity>,
+    ) -> Result<(), Rejection> {
+        let Some(bound) = device.factory_issuer.as_deref() else {
+            return Ok(());
+        };
+        let presented = factory.map(|f| f.issuer.as_str());
+        if presented == Some(bound) {
+            return Ok(());
+        }
+        self.audit.record(AuditEvent::new(
+            &device.id,
+            "factory_issuer_mismatch",
+            "device",
+            json!({
+                "bound_issuer": bound,
+                "bound_serial": device.factory_serial,
+                "presented_issuer": presented,
+                "presented_serial": factory.map(|f| f.serial.as_str()),
+            }),
+        ));
+        Err(issuer_mismatch())
+    }
+
+    /// Whether a commit conflict came from a binding to another issuer recorded meanwhile
+    /// (by a racing enrollment, possibly on another gateway).
+    async fn bound_elsewhere(&self, device_id: &str, factory: &Option<FactoryIdentity>) -> bool {
+        match self.store.device(device_id).await {
+            Ok(Some(d)) => self.check_issuer(&d, factory.as_ref()).is_err(),
+            _ => false,
+        }
     }
 
     /// The full answer remembered for `key`, while the enrollment it answered still awaits
@@ -846,7 +938,11 @@ mod tests {
     use super::*;
 
     fn templates() -> Templates {
-        Templates::load(std::path::Path::new("config/templates")).unwrap()
+        Templates::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/templates"
+        )))
+        .unwrap()
     }
 
     fn reject(payload: &[u8]) -> (Option<String>, Rejection) {

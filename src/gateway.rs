@@ -14,20 +14,23 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::audit::Auditor;
+use crate::audit::{self, Auditor};
 use crate::broker::Broker;
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::enroll::Enroller;
+use crate::feed::Feed;
 use crate::front::identity::{Authenticator, Listener};
 use crate::front::session::Sessions;
+use crate::front::sources::HandshakeSlots;
+use crate::front::tally::RefusalTally;
 use crate::front::{Front, FrontHooks, Inbound};
 use crate::lifecycle::Lifecycle;
 use crate::mailbox::{self, Mailboxes};
 use crate::metrics::{self, Metrics};
-use crate::pki::Pki;
+use crate::pki::{Pki, Role};
 use crate::quota::IssueQuota;
-use crate::store::{self, Store};
+use crate::store::{self, AuditEvent, Store};
 use crate::templates::Templates;
 use crate::topics::{self, ForGateway};
 
@@ -62,6 +65,26 @@ pub enum GatewayError {
     Pattern(#[from] regex::Error),
 }
 
+/// Why a reload (SIGHUP) was refused; the gateway then keeps everything it had.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Templates(#[from] crate::templates::TemplateError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Admin certificates on the revocation list now in force.
+    pub revoked_admins: usize,
+    /// Admin sessions ended because their certificate is revoked now: (name, serial).
+    pub disconnected_admins: Vec<(String, String)>,
+}
+
 /// A running gateway.
 pub struct Gateway {
     pub mtls_addr: SocketAddr,
@@ -80,6 +103,9 @@ pub struct Gateway {
     pub admin: Arc<Admin>,
     /// Whether this start created a development PKI.
     pub created_pki: bool,
+    /// The templates the enrollment service renders (shared with it; replaced on reload).
+    templates: Templates,
+    audit: Auditor,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -157,6 +183,9 @@ impl Gateway {
         let templates = Templates::load(&config.enrollment.templates_dir)?;
         let store = store::open(&config.store).await?;
         let metrics = Arc::new(Metrics::new());
+        if let Err(e) = metrics.refresh_pki_expiry(&config.pki) {
+            tracing::warn!(error = %e, "CA certificate expiry not exported");
+        }
         let shutdown = CancellationToken::new();
 
         let broker = Broker::start(
@@ -209,12 +238,15 @@ impl Gateway {
                 bus.clone(),
                 sessions.clone(),
                 lifecycle.clone(),
-                templates,
+                templates.clone(),
                 config.enrollment.clone(),
             )
             .with_quota(quota),
         );
 
+        // The change feed is followed from before the restore, so nothing another gateway
+        // changes meanwhile is missed (applying it twice does no harm).
+        let feed_start = store.latest_change().await?;
         // rumqttd keeps nothing across restarts: republish what the store says is retained.
         let republished = admin.republish_retained().await?;
         let watching = lifecycle.restore().await?;
@@ -226,6 +258,14 @@ impl Gateway {
         metrics.refresh_device_gauge(store.as_ref()).await;
 
         let (inbox_tx, inbox) = tokio::sync::mpsc::channel(INBOX);
+        let anonymous_refusals = RefusalTally::new(
+            Duration::from_millis(config.limits.anonymous_refusal_window_ms),
+            audit.clone(),
+        );
+        let max_connections = connection_limit(config.server.max_connections);
+        metrics
+            .connections_max
+            .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
         let front = Arc::new(Front {
             pki: pki.clone(),
             auth: Authenticator {
@@ -251,9 +291,9 @@ impl Gateway {
             write_timeout: Duration::from_millis(config.limits.write_timeout_ms.max(1)),
             max_packet: config.broker.max_payload_size,
             max_retained: config.limits.max_retained_bytes,
-            connection_slots: Arc::new(Semaphore::new(connection_limit(
-                config.server.max_connections,
-            ))),
+            connection_slots: Arc::new(Semaphore::new(max_connections)),
+            handshakes: HandshakeSlots::new(config.limits.max_handshakes_per_source),
+            anonymous_refusals: anonymous_refusals.clone(),
         });
 
         let mtls = bind("mTLS listener", config.server.mtls_listen).await?;
@@ -287,6 +327,22 @@ impl Gateway {
             }
         }));
         tasks.push(tokio::spawn(lifecycle.clone().run(shutdown.clone())));
+        let feed = Arc::new(Feed {
+            store: store.clone(),
+            sessions: sessions.clone(),
+            link: bus.clone(),
+            metrics: metrics.clone(),
+            poll: Duration::from_millis(config.store.change_poll_ms.max(10)),
+            retention: Duration::from_secs(config.store.change_retention_secs.max(1)),
+        });
+        tasks.push(tokio::spawn(feed.run(feed_start, shutdown.clone())));
+        tasks.push(tokio::spawn(anonymous_refusals.run(shutdown.clone())));
+        tasks.push(tokio::spawn(audit::run_retention(
+            store.clone(),
+            metrics.clone(),
+            config.store.audit_retention_days,
+            shutdown.clone(),
+        )));
         // Renewal grace periods and the expiring-certificates gauge.
         tasks.push(tokio::spawn(admin.clone().run(shutdown.clone())));
         tasks.push(tokio::spawn(dispatch(
@@ -319,8 +375,69 @@ impl Gateway {
             lifecycle,
             admin,
             created_pki,
+            templates,
+            audit,
             shutdown,
             tasks,
+        })
+    }
+
+    /// Read the PKI directory (server certificate and key, factory, operational and admin CAs,
+    /// the admin revocation list) and the templates again, as `config` names them, and use
+    /// them from now on: new handshakes see the new material, open connections stay up, except
+    /// admin sessions whose certificate the new revocation list revokes. Counted in
+    /// `onboard_reloads_total{result}`; on an error nothing changes.
+    pub fn reload(&self, config: &Config) -> Result<Reloaded, ReloadError> {
+        self.counted(self.swap_material(config))
+    }
+
+    /// [`Self::reload`] with the configuration read again from `file` (and the environment),
+    /// as `onboard serve` does on SIGHUP: a rotation may name new CA files.
+    pub fn reload_file(&self, file: Option<&Path>) -> Result<Reloaded, ReloadError> {
+        let config = Config::load(file).map_err(ReloadError::from);
+        self.counted(config.and_then(|config| self.swap_material(&config)))
+    }
+
+    fn counted(&self, outcome: Result<Reloaded, ReloadError>) -> Result<Reloaded, ReloadError> {
+        let result = if outcome.is_ok() { "ok" } else { "error" };
+        self.metrics.reloads.with_label_values(&[result]).inc();
+        match &outcome {
+            Ok(done) => tracing::info!(
+                revoked_admins = done.revoked_admins,
+                disconnected_admins = done.disconnected_admins.len(),
+                "reloaded certificates, CAs and templates"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; keeping the certificates, CAs and templates in use")
+            }
+        }
+        outcome
+    }
+
+    fn swap_material(&self, config: &Config) -> Result<Reloaded, ReloadError> {
+        // Both are read before either is used, so a bad file changes nothing.
+        let templates = Templates::load(&config.enrollment.templates_dir)?;
+        let pki = self.pki.reload(&config.pki)?;
+        self.templates.adopt(&templates);
+        if let Err(e) = self.metrics.refresh_pki_expiry(&config.pki) {
+            tracing::warn!(error = %e, "CA certificate expiry not exported after the reload");
+        }
+        let revoked = &pki.revoked_admins;
+        let disconnected = self
+            .sessions
+            .disconnect_revoked(Role::Admin, |serial| revoked.contains(serial));
+        for (name, serial) in &disconnected {
+            tracing::info!(admin = %name, serial = %serial, "admin certificate revoked; session closed");
+            self.audit.record(AuditEvent::new(
+                name,
+                "admin_revoked",
+                "gateway",
+                serde_json::json!({ "serial": serial, "detail": "certificate on the admin revocation list; disconnected" }),
+            ));
+        }
+        Ok(Reloaded {
+            revoked_admins: revoked.len(),
+            disconnected_admins: disconnected,
         })
     }
 

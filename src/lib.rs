@@ -11,7 +11,8 @@
 //! ```
 //!
 //! - [`config`]: the TOML file and its `ONBOARD_<SECTION>_<KEY>` overrides.
-//! - [`pki`]: CAs, client-certificate verification, issuing operational credentials.
+//! - [`pki`]: CAs, client-certificate verification (with the admin revocation list and the
+//!   operational CAs a rotation retired), issuing operational credentials, `pki check`.
 //! - [`front`]: TLS accept, who the client is (role + device id), the topic rules; serves
 //!   bootstrap and device sessions itself and relays admins to the broker.
 //! - [`topics`]: the topic vocabulary, built and parsed in one place; which topics are private
@@ -24,11 +25,13 @@
 //! - [`lifecycle`]: activation, deadlines, rollback.
 //! - [`admin`]: the admin plane (config, rollback, firmware, revoke, reinstate) and renewals.
 //! - [`audit`]: the audit log's writer and its live view on `admin/events/...`.
+//! - [`feed`]: applies what other gateways sharing the store changed (revocations,
+//!   configurations, firmware jobs), polled from the store's change feed.
 //! - [`quota`]: how many credentials one device may be issued per hour.
 //! - [`import`]: bulk provisioning from CSV.
 //! - [`store`]: the inventory trait with its `sqlite` and `mssql` backends.
 //! - [`metrics`]: Prometheus registry and the `/metrics`, `/healthz`, `/readyz` endpoint.
-//! - [`gateway`]: wires everything into one running process.
+//! - [`gateway`]: wires everything into one running process; reloads its PKI and templates.
 //! - [`simulate`]: the fleet simulator behind `onboard simulate` and the benchmarks.
 //! - [`cli`]: the `onboard` command line.
 
@@ -39,6 +42,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod enroll;
+pub mod feed;
 pub mod front;
 pub mod gateway;
 pub mod import;

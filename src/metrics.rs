@@ -16,6 +16,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::config::PkiConfig;
+use crate::pki::PkiError;
 use crate::store::Store;
 
 /// Every metric the gateway exports. Names are part of the product contract.
@@ -48,6 +50,9 @@ pub struct Metrics {
     pub activation_queue_dropped: IntCounter,
     /// Operational certificates that expire within 30 days.
     pub certificates_expiring: IntGauge,
+    /// Client connections this gateway admits: `[server] max_connections`, or fewer when the
+    /// descriptor limit allows fewer.
+    pub connections_max: IntGauge,
     /// `result` = ok | error; admin commands answered.
     pub admin_commands: IntCounterVec,
     /// QoS 1 messages dropped from a full session queue (the oldest goes).
@@ -56,6 +61,13 @@ pub struct Metrics {
     pub slow_client_disconnects: IntCounter,
     /// Gateway publishes to the broker (live views) dropped from its full queue.
     pub broker_publish_dropped: IntCounter,
+    /// `ca` = factory | operational | admin | server, `subject`: when each certificate of the
+    /// PKI directory stops being valid (unix seconds). Set by [`Metrics::refresh_pki_expiry`].
+    pub ca_certificate_not_after: IntGaugeVec,
+    /// `result` = ok | error; reloads of certificates, CAs and templates (SIGHUP).
+    pub reloads: IntCounterVec,
+    /// `kind` = credentials | state | config | firmware: other gateways' changes applied here.
+    pub changes_applied: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -126,6 +138,14 @@ impl Metrics {
         registry
             .register(Box::new(certificates_expiring.clone()))
             .unwrap_or_else(|e| panic!("metric onboard_certificates_expiring: {e}"));
+        let connections_max = IntGauge::new(
+            "onboard_connections_max",
+            "Client connections this gateway admits (max_connections, or the descriptor limit)",
+        )
+        .unwrap_or_else(|e| panic!("metric onboard_connections_max: {e}"));
+        registry
+            .register(Box::new(connections_max.clone()))
+            .unwrap_or_else(|e| panic!("metric onboard_connections_max: {e}"));
         let metrics = Metrics {
             enrollment_requests: counter_vec(
                 r,
@@ -206,6 +226,7 @@ impl Metrics {
                 "Activation marks dropped because the queue for a down store was full",
             ),
             certificates_expiring,
+            connections_max,
             admin_commands: counter_vec(
                 r,
                 "onboard_admin_commands_total",
@@ -226,6 +247,24 @@ impl Metrics {
                 r,
                 "onboard_broker_publish_dropped_total",
                 "Gateway publishes to the embedded broker dropped because its queue was full",
+            ),
+            ca_certificate_not_after: gauge_vec(
+                r,
+                "onboard_ca_certificate_not_after_seconds",
+                "End of validity (unix time) of the CA and server certificates in use",
+                &["ca", "subject"],
+            ),
+            reloads: counter_vec(
+                r,
+                "onboard_reloads_total",
+                "Reloads of the PKI directory and templates (SIGHUP), by result",
+                &["result"],
+            ),
+            changes_applied: counter_vec(
+                r,
+                "onboard_changes_applied_total",
+                "Changes made through other gateways on the same store, applied here",
+                &["kind"],
             ),
             registry,
         };
@@ -268,7 +307,24 @@ impl Metrics {
         ] {
             self.rollbacks.with_label_values(&[target, trigger]);
         }
-        for op in ["commit_enrollment", "activate", "device", "credential"] {
+        for kind in crate::store::ChangeKind::ALL {
+            self.changes_applied.with_label_values(&[kind.as_str()]);
+        }
+        for result in ["ok", "error"] {
+            self.reloads.with_label_values(&[result]);
+        }
+        // Besides the enrollment path: the audit writer, its full queue, and the store reads
+        // of `/readyz` and of every scrape, which alerts watch from the first scrape on.
+        for op in [
+            "commit_enrollment",
+            "activate",
+            "device",
+            "credential",
+            "append_event",
+            "audit_queue_full",
+            "ping",
+            "count_by_state",
+        ] {
             self.store_errors.with_label_values(&[op]);
         }
     }
@@ -295,6 +351,20 @@ impl Metrics {
             self.store_errors.with_label_values(&[op]).inc();
         }
         result
+    }
+
+    /// Export the expiry of the PKI directory's CA and server certificates, replacing what
+    /// was exported before (a reload may have removed a CA). Called at start and after every
+    /// reload of the PKI; on an error the previous values stay.
+    pub fn refresh_pki_expiry(&self, config: &PkiConfig) -> Result<usize, PkiError> {
+        let certificates = crate::pki::certificate_expiry(config)?;
+        self.ca_certificate_not_after.reset();
+        for c in &certificates {
+            self.ca_certificate_not_after
+                .with_label_values(&[c.certificate.as_str(), &c.subject])
+                .set(c.not_after);
+        }
+        Ok(certificates.len())
     }
 
     /// Refresh the `onboard_devices{state}` gauge from the store.

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use serde_json::{json, Map, Value};
 
@@ -23,10 +24,13 @@ pub enum TemplateError {
     Empty(PathBuf),
 }
 
-/// The loaded templates, by device type.
+type ByType = HashMap<String, Map<String, Value>>;
+
+/// The loaded templates, by device type. Clones share one set: [`Templates::reload`] through
+/// any of them changes what all of them render.
 #[derive(Debug, Clone)]
 pub struct Templates {
-    by_type: HashMap<String, Map<String, Value>>,
+    by_type: Arc<RwLock<Arc<ByType>>>,
 }
 
 /// Keys the gateway owns; a template may not set them.
@@ -55,13 +59,31 @@ fn parse(name: &Path, text: &str) -> Result<Map<String, Value>, TemplateError> {
 impl Templates {
     /// Load every `*.toml` in `dir`; the embedded templates if `dir` does not exist.
     pub fn load(dir: &Path) -> Result<Templates, TemplateError> {
+        Ok(Templates {
+            by_type: Arc::new(RwLock::new(Arc::new(Self::read(dir)?))),
+        })
+    }
+
+    /// Render from `newer` (freshly loaded) from now on, in this and every clone of it.
+    pub fn adopt(&self, newer: &Templates) {
+        *self.by_type.write().unwrap_or_else(|e| e.into_inner()) = newer.current();
+    }
+
+    fn current(&self) -> Arc<ByType> {
+        self.by_type
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn read(dir: &Path) -> Result<ByType, TemplateError> {
         let mut by_type = HashMap::new();
         if !dir.exists() {
             tracing::warn!(dir = %dir.display(), "templates directory not found; using the built-in thermostat and sensor templates");
             for (name, text) in EMBEDDED {
                 by_type.insert((*name).to_owned(), parse(Path::new(name), text)?);
             }
-            return Ok(Templates { by_type });
+            return Ok(by_type);
         }
         let entries = std::fs::read_dir(dir).map_err(|e| TemplateError::Bad {
             path: dir.to_path_buf(),
@@ -84,22 +106,23 @@ impl Templates {
         if by_type.is_empty() {
             return Err(TemplateError::Empty(dir.to_path_buf()));
         }
-        Ok(Templates { by_type })
+        Ok(by_type)
     }
 
     pub fn contains(&self, device_type: &str) -> bool {
-        self.by_type.contains_key(device_type)
+        self.current().contains_key(device_type)
     }
 
-    pub fn device_types(&self) -> Vec<&str> {
-        let mut types: Vec<&str> = self.by_type.keys().map(String::as_str).collect();
+    pub fn device_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self.current().keys().cloned().collect();
         types.sort_unstable();
         types
     }
 
     /// The configuration document of `device_id` at `version`.
     pub fn render(&self, device_type: &str, device_id: &str, version: i64) -> Option<Value> {
-        let template = self.by_type.get(device_type)?;
+        let current = self.current();
+        let template = current.get(device_type)?;
         Some(with_identity(template.clone(), device_id, version))
     }
 }
@@ -131,8 +154,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn clones_render_what_was_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.toml"), "[settings]\nx = 1\n").unwrap();
+        let templates = Templates::load(dir.path()).unwrap();
+        let clone = templates.clone();
+        std::fs::write(dir.path().join("b.toml"), "[settings]\nx = 2\n").unwrap();
+        templates.adopt(&Templates::load(dir.path()).unwrap());
+        assert_eq!(clone.device_types(), ["a", "b"]);
+    }
+
+    #[test]
     fn shipped_templates_render_the_contract_shape() {
-        let t = Templates::load(Path::new("config/templates")).unwrap();
+        let t = Templates::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/templates"
+        )))
+        .unwrap();
         assert_eq!(t.device_types(), ["sensor", "thermostat"]);
         let doc = t.render("thermostat", "t-1", 1).unwrap();
         assert_eq!(doc["device_id"], "t-1");

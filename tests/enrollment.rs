@@ -705,3 +705,83 @@ async fn a_replayed_request_id_never_returns_a_rolled_back_credential() {
     let fresh = t.enroll(id, json!({"request_id": "r2"})).await;
     assert_eq!(fresh["status"], "accepted", "{fresh}");
 }
+
+#[tokio::test]
+async fn reenrollment_needs_the_factory_ca_of_the_first_enrollment() {
+    // Two device makers, each with its own factory CA in [pki] factory_cas.
+    let mut t = TestGateway::start().await;
+    let maker_b = onboard::pki::Issuer::generate_ca("maker B factory CA").unwrap();
+    maker_b.write(&t.config.pki.dir, "maker-b-ca").unwrap();
+    t.config.pki.factory_cas.push("maker-b-ca.pem".into());
+    let t = t.restart().await;
+    let id = "bound-0001";
+    let first = t.enroll(id, json!({"request_id": "a1"})).await;
+    assert_eq!(first["status"], "accepted", "{first}");
+
+    // Maker B's CA signs a certificate for maker A's device: it connects (the CA is
+    // trusted) but may not take the device over.
+    let stolen = maker_b
+        .issue_client(id, &onboard::pki::CertOptions::valid_for_days(30))
+        .unwrap();
+    let mut c = Client::connect(t.mtls_options(id, &stolen))
+        .await
+        .expect("maker B certificate connects");
+    let resp = c.request_enroll(id, &json!({"request_id": "b1"})).await;
+    c.disconnect().await;
+    assert_eq!(resp["status"], "rejected", "{resp}");
+    assert_eq!(resp["error"]["code"], "issuer_mismatch", "{resp}");
+    assert_eq!(
+        t.metric(
+            r#"onboard_enrollment_requests_total{reason="issuer_mismatch",result="rejected"}"#
+        )
+        .await,
+        1.0
+    );
+    let audited = t.wait_event(id, "factory_issuer_mismatch").await;
+    assert!(
+        audited.detail["presented_issuer"]
+            .as_str()
+            .is_some_and(|i| i.contains("maker B")),
+        "{}",
+        audited.detail
+    );
+    assert!(audited.detail["bound_issuer"]
+        .as_str()
+        .is_some_and(|i| !i.contains("maker B")));
+    assert_eq!(t.gw.store.credentials_of(id).await.unwrap().len(), 1);
+
+    // The first maker's certificate still re-enrolls it (a factory reset).
+    let again = t.enroll(id, json!({"request_id": "a2"})).await;
+    assert_eq!(again["status"], "accepted", "{again}");
+
+    // An admin rollback of the enrollment releases the binding: maker B may enroll it now.
+    let mut ops = Client::connect(t.mtls_options("ops", &t.admin("ops")))
+        .await
+        .expect("admin connects");
+    ops.subscribe("admin/responses/#", QoS::AtLeastOnce).await;
+    let reply = admin_command(
+        &mut ops,
+        &format!("admin/devices/{id}/rollback"),
+        json!({ "request_id": "rb-1", "target": "enrollment" }),
+    )
+    .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    let mut c = Client::connect(t.mtls_options(id, &stolen))
+        .await
+        .expect("maker B certificate connects");
+    let resp = c.request_enroll(id, &json!({"request_id": "b2"})).await;
+    c.disconnect().await;
+    assert_eq!(resp["status"], "accepted", "{resp}");
+    let device = t.gw.store.device(id).await.unwrap().unwrap();
+    assert!(device
+        .factory_issuer
+        .as_deref()
+        .is_some_and(|i| i.contains("maker B")));
+    assert_eq!(
+        device.factory_serial.as_deref(),
+        Some(stolen.serial.as_str())
+    );
+    // And now maker A's certificate is the stranger.
+    let back = t.enroll(id, json!({"request_id": "a3"})).await;
+    assert_eq!(back["error"]["code"], "issuer_mismatch", "{back}");
+}

@@ -187,10 +187,10 @@ async fn revoked_credentials_and_devices_are_refused() {
 
     // A revoked device cannot even bootstrap.
     t.gw.store
-        .set_device_state(
+        .transition(
             "rev-1",
-            onboard::store::DeviceState::Revoked,
-            None,
+            &onboard::store::DeviceState::ALL,
+            onboard::store::DeviceState::Revoked.into(),
             onboard::store::AuditEvent::new("rev-1", "revoked", "test", json!({})),
         )
         .await

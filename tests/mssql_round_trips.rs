@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::mssql::Scratch;
 use common::store_fixtures::*;
 use onboard::store::mssql::MssqlStore;
-use onboard::store::{DeviceState, Store, StoreError};
+use onboard::store::{DeviceState, JobStatus, Store, StoreError, TransitionTarget};
 use serde_json::json;
 
 /// Run `op` and return how many requests it sent.
@@ -97,17 +97,17 @@ async fn every_write_a_device_waits_for_is_one_round_trip() {
 
     let (n, progressed) = trips(
         &store,
-        store.update_firmware_job(
+        store.advance_firmware_job(
             &job.job_id,
             &id,
-            "downloading",
+            JobStatus::Downloading,
             None,
             event(&id, "firmware_status"),
         ),
     )
     .await;
     assert!(progressed.expect("firmware status"));
-    counted.push(("update_firmware_job", n));
+    counted.push(("advance_firmware_job", n));
 
     let (n, config) = trips(
         &store,
@@ -133,13 +133,44 @@ async fn every_write_a_device_waits_for_is_one_round_trip() {
     assert!(expired.expect("expire"));
     counted.push(("expire_enrollment", n));
 
-    let (n, previous) = trips(
+    let (n, refused) = trips(
         &store,
-        store.set_device_state(&id, DeviceState::Revoked, None, event(&id, "revoked")),
+        store.transition(
+            &id,
+            &[DeviceState::Active],
+            TransitionTarget::new(DeviceState::Revoked),
+            event(&id, "revoked"),
+        ),
     )
     .await;
-    assert_eq!(previous.expect("revoke"), DeviceState::Failed);
-    counted.push(("set_device_state", n));
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::WrongState {
+                actual: DeviceState::Failed,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    counted.push(("transition (wrong state)", n));
+
+    let spare = credential(&id, &format!("{p}s5"));
+    store
+        .insert_credential(&spare, event(&id, "issued"))
+        .await
+        .expect("spare credential");
+    let mut revoke = TransitionTarget::new(DeviceState::Revoked);
+    revoke.revoke_credentials = Some("admin".into());
+    let (n, transition) = trips(
+        &store,
+        store.transition(&id, &[DeviceState::Failed], revoke, event(&id, "revoked")),
+    )
+    .await;
+    let transition = transition.expect("revoke");
+    assert_eq!(transition.from, DeviceState::Failed);
+    assert_eq!(transition.revoked, vec![spare.serial.clone()]);
+    counted.push(("transition (with revocation)", n));
 
     // Refusals: a stale generation and an unknown device cost the batch and one rollback check.
     let stale = EnrollmentBuilder::new(&id, "r3", &format!("{p}s4"))

@@ -33,7 +33,8 @@ use onboard::config::StoreConfig;
 use onboard::store::mssql::MssqlStore;
 use onboard::store::sqlite::SqliteStore;
 use onboard::store::{
-    CredentialKind, DeviceFilter, DeviceState, ImportOutcome, NewDevice, Store, StoreError,
+    ChangeKind, CredentialKind, DeviceFilter, DeviceState, ImportOutcome, JobStatus, NewDevice,
+    Store, StoreError, TransitionTarget,
 };
 use serde_json::json;
 use time::Duration;
@@ -194,11 +195,16 @@ contract_tests!(
     import_is_idempotent,
     list_devices_filters,
     count_by_state_reports_every_state,
-    set_device_state_and_firmware_version,
+    transitions_and_firmware_version,
     events_ordering_and_limit,
+    old_events_are_deleted_in_batches,
     firmware_jobs,
     admin_replies_are_idempotent,
     identifiers_compare_exactly,
+    a_revoke_is_never_overwritten_by_a_rollback,
+    firmware_progress_only_moves_forward,
+    changes_are_fed_with_their_writes,
+    reenrollment_is_bound_to_the_first_factory_issuer,
 );
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -210,6 +216,26 @@ async fn enroll(cx: &Ctx, device: &str, request: &str, serial: &str) -> i64 {
         .await
         .expect("first enrollment")
         .generation
+}
+
+/// Every state but `revoked`.
+const NOT_REVOKED: [DeviceState; 4] = [
+    DeviceState::Pending,
+    DeviceState::Enrolling,
+    DeviceState::Active,
+    DeviceState::Failed,
+];
+
+/// Revoke a device the way an admin does (from any state but revoked).
+async fn revoke(s: &Arc<dyn Store>, device: &str) {
+    s.transition(
+        device,
+        &NOT_REVOKED,
+        TransitionTarget::new(DeviceState::Revoked).with_error("stolen"),
+        event(device, "revoked"),
+    )
+    .await
+    .expect("revoke");
 }
 
 fn is_conflict<T: std::fmt::Debug>(result: &Result<T, StoreError>) -> bool {
@@ -735,14 +761,7 @@ async fn revoked_device_refuses_enrollment(cx: Ctx) {
     s.import_devices(&[new_device(&d, "thermostat")])
         .await
         .unwrap();
-    s.set_device_state(
-        &d,
-        DeviceState::Revoked,
-        Some("stolen"),
-        event(&d, "revoked"),
-    )
-    .await
-    .unwrap();
+    revoke(s, &d).await;
     // A gateway that read the device before the revocation must not resurrect it.
     let commit = EnrollmentBuilder::new(&d, "r-1", &cx.id("s1"))
         .expected_generation(Some(0))
@@ -965,14 +984,7 @@ async fn published_configs_are_newest_of_enrolling_and_active(cx: Ctx) {
         .await
         .unwrap();
     enroll(&cx, &revoked, "r-1", "x1").await;
-    s.set_device_state(
-        &revoked,
-        DeviceState::Revoked,
-        None,
-        event(&revoked, "revoked"),
-    )
-    .await
-    .unwrap();
+    revoke(s, &revoked).await;
 
     let all = s.published_configs("", u32::MAX).await.unwrap();
     // Paged: each page continues after the last device id of the one before.
@@ -1246,9 +1258,7 @@ async fn count_by_state_reports_every_state(cx: Ctx) {
     s.import_devices(&[new_device(&r, "thermostat")])
         .await
         .unwrap();
-    s.set_device_state(&r, DeviceState::Revoked, None, event(&r, "revoked"))
-        .await
-        .unwrap();
+    revoke(s, &r).await;
 
     let counts = s.count_by_state().await.unwrap();
     let count = |state: DeviceState| {
@@ -1274,41 +1284,52 @@ async fn count_by_state_reports_every_state(cx: Ctx) {
     }
 }
 
-async fn set_device_state_and_firmware_version(cx: Ctx) {
+async fn transitions_and_firmware_version(cx: Ctx) {
     let s = &cx.store;
     let d = cx.id("state");
     s.import_devices(&[new_device(&d, "thermostat")])
         .await
         .unwrap();
 
-    let previous = s
-        .set_device_state(
+    let moved = s
+        .transition(
             &d,
-            DeviceState::Revoked,
-            Some("stolen"),
+            &NOT_REVOKED,
+            TransitionTarget::new(DeviceState::Revoked).with_error("stolen"),
             event(&d, "revoked"),
         )
         .await
         .unwrap();
-    assert_eq!(previous, DeviceState::Pending);
+    assert_eq!(moved.from, DeviceState::Pending);
+    assert_eq!(moved.to, DeviceState::Revoked);
     let device = s.device(&d).await.unwrap().unwrap();
     assert_eq!(device.state, DeviceState::Revoked);
     assert_eq!(device.last_error.as_deref(), Some("stolen"));
     assert_eq!(event_names(&cx, &d).await, vec!["revoked".to_owned()]);
 
-    let previous = s
-        .set_device_state(&d, DeviceState::Pending, None, event(&d, "reinstated"))
+    let moved = s
+        .transition(
+            &d,
+            &[DeviceState::Revoked],
+            DeviceState::Pending.into(),
+            event(&d, "reinstated"),
+        )
         .await
         .unwrap();
-    assert_eq!(previous, DeviceState::Revoked);
+    assert_eq!(moved.from, DeviceState::Revoked);
     let device = s.device(&d).await.unwrap().unwrap();
     assert_eq!(device.state, DeviceState::Pending);
     assert_eq!(device.last_error, None);
 
     let ghost = cx.id("ghost");
     assert!(matches!(
-        s.set_device_state(&ghost, DeviceState::Revoked, None, event(&ghost, "revoked"))
-            .await,
+        s.transition(
+            &ghost,
+            &NOT_REVOKED,
+            DeviceState::Revoked.into(),
+            event(&ghost, "revoked")
+        )
+        .await,
         Err(StoreError::NotFound(_))
     ));
     assert!(
@@ -1359,6 +1380,25 @@ async fn events_ordering_and_limit(cx: Ctx) {
     assert!(s.events(&cx.id("silent"), 100).await.unwrap().is_empty());
 }
 
+async fn old_events_are_deleted_in_batches(cx: Ctx) {
+    let s = &cx.store;
+    let d = cx.id("retention");
+    let cutoff = now() - Duration::days(90);
+    for i in 0..5 {
+        let mut e = event(&d, &format!("old{i}"));
+        e.at = cutoff - Duration::days(1 + i);
+        s.append_event(e).await.unwrap();
+    }
+    let mut fresh = event(&d, "fresh");
+    fresh.at = cutoff + Duration::minutes(1);
+    s.append_event(fresh).await.unwrap();
+    // At most one batch per call, until nothing older than the cutoff is left.
+    for expected in [2, 2, 1, 0] {
+        assert_eq!(s.delete_events_before(cutoff, 2).await.unwrap(), expected);
+    }
+    assert_eq!(event_names(&cx, &d).await, vec!["fresh"]);
+}
+
 async fn firmware_jobs(cx: Ctx) {
     let s = &cx.store;
     let d = cx.id("fw");
@@ -1393,10 +1433,10 @@ async fn firmware_jobs(cx: Ctx) {
     assert_eq!(s.latest_firmware_job(&d).await.unwrap(), Some(j2.clone()));
 
     assert!(s
-        .update_firmware_job(
+        .advance_firmware_job(
             &j1.job_id,
             &d,
-            "downloading",
+            JobStatus::Downloading,
             None,
             event(&d, "firmware_status")
         )
@@ -1409,10 +1449,10 @@ async fn firmware_jobs(cx: Ctx) {
     assert_eq!(job.created_at, j1.created_at);
 
     assert!(s
-        .update_firmware_job(
+        .advance_firmware_job(
             &j1.job_id,
             &d,
-            "failed",
+            JobStatus::Failed,
             Some("checksum mismatch"),
             event(&d, "firmware_status")
         )
@@ -1423,17 +1463,23 @@ async fn firmware_jobs(cx: Ctx) {
     assert_eq!(job.error.as_deref(), Some("checksum mismatch"));
 
     assert!(!s
-        .update_firmware_job(
+        .advance_firmware_job(
             &cx.id("job-x"),
             &d,
-            "failed",
+            JobStatus::Failed,
             None,
             event(&d, "firmware_status")
         )
         .await
         .unwrap());
     assert!(!s
-        .update_firmware_job(&j1.job_id, &cx.id("else"), "failed", None, event(&d, "x"))
+        .advance_firmware_job(
+            &j1.job_id,
+            &cx.id("else"),
+            JobStatus::Failed,
+            None,
+            event(&d, "x")
+        )
         .await
         .unwrap());
     let ghost = cx.id("ghost");
@@ -1745,4 +1791,364 @@ async fn sqlite_sustains_concurrent_enrollments() {
     );
     let counts = store.count_by_state().await.unwrap();
     assert!(counts.contains(&(DeviceState::Enrolling, total as i64)));
+}
+
+async fn a_revoke_is_never_overwritten_by_a_rollback(cx: Ctx) {
+    let s = &cx.store;
+    let d = cx.id("race");
+    enroll(&cx, &d, "r-1", "s1").await;
+    // Gateway A revokes; gateway B, which read the device as `enrolling`, then rolls the
+    // enrollment back: the guard refuses and names the state it found.
+    revoke(s, &d).await;
+    let rollback = s
+        .transition(
+            &d,
+            &NOT_REVOKED,
+            TransitionTarget::new(DeviceState::Pending)
+                .releasing_factory()
+                .revoking_credentials("enrollment_rolled_back"),
+            event(&d, "enrollment_rolled_back"),
+        )
+        .await;
+    match rollback {
+        Err(StoreError::WrongState { device, actual }) => {
+            assert_eq!(device, d);
+            assert_eq!(actual, DeviceState::Revoked);
+        }
+        other => panic!("rollback of a revoked device: {other:?}"),
+    }
+    let device = s.device(&d).await.unwrap().unwrap();
+    assert_eq!(device.state, DeviceState::Revoked);
+    assert_eq!(device.last_error.as_deref(), Some("stolen"));
+    assert!(
+        !event_names(&cx, &d)
+            .await
+            .contains(&"enrollment_rolled_back".to_owned()),
+        "no event without the change"
+    );
+    let credential = s.credential(&cx.id("s1")).await.unwrap().unwrap();
+    assert!(
+        !credential.is_revoked(),
+        "a refused transition revokes nothing"
+    );
+
+    // A transition revoking the credentials does both in one transaction.
+    let c = cx.id("cut");
+    enroll(&cx, &c, "r-1", "c1").await;
+    let before = s.latest_change().await.unwrap();
+    let moved = s
+        .transition(
+            &c,
+            &NOT_REVOKED,
+            TransitionTarget::new(DeviceState::Revoked).revoking_credentials("device_revoked"),
+            event(&c, "device_revoked"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.revoked, [cx.id("c1")]);
+    let credential = s.credential(&cx.id("c1")).await.unwrap().unwrap();
+    assert_eq!(credential.revoke_reason.as_deref(), Some("device_revoked"));
+    let kinds: Vec<ChangeKind> = s
+        .changes_since(before, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|change| change.kind)
+        .collect();
+    assert_eq!(kinds, [ChangeKind::State, ChangeKind::Credentials]);
+
+    // Two racing revocations: exactly one wins, the other finds the device revoked.
+    let e = cx.id("twice");
+    enroll(&cx, &e, "r-1", "e1").await;
+    let attempts = (0..4).map(|_| {
+        let s = s.clone();
+        let e = e.clone();
+        tokio::spawn(async move {
+            s.transition(
+                &e,
+                &NOT_REVOKED,
+                DeviceState::Revoked.into(),
+                event(&e, "revoked"),
+            )
+            .await
+        })
+    });
+    let mut won = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(moved) => {
+                assert_eq!(moved.from, DeviceState::Enrolling);
+                won += 1;
+            }
+            Err(StoreError::WrongState { actual, .. }) => {
+                assert_eq!(actual, DeviceState::Revoked)
+            }
+            Err(other) => panic!("revoke: {other}"),
+        }
+    }
+    assert_eq!(won, 1);
+    let revoked = event_names(&cx, &e).await;
+    assert_eq!(revoked.iter().filter(|n| *n == "revoked").count(), 1);
+}
+
+async fn firmware_progress_only_moves_forward(cx: Ctx) {
+    let s = &cx.store;
+    let d = cx.id("fw-forward");
+    enroll(&cx, &d, "r-1", "s1").await;
+    let job = firmware_job(&cx.id("job-f"), &d, "2.0.0");
+    s.insert_firmware_job(&job, event(&d, "firmware_queued"))
+        .await
+        .unwrap();
+    let advance = |status: JobStatus| {
+        let s = s.clone();
+        let (job_id, d) = (job.job_id.clone(), d.clone());
+        async move {
+            s.advance_firmware_job(&job_id, &d, status, None, event(&d, status.as_str()))
+                .await
+                .unwrap()
+        }
+    };
+    assert!(advance(JobStatus::Installing).await, "steps may be skipped");
+    assert!(!advance(JobStatus::Downloading).await, "never backwards");
+    assert!(!advance(JobStatus::Installing).await, "never twice");
+    assert!(!advance(JobStatus::Queued).await);
+    assert!(advance(JobStatus::Succeeded).await);
+    assert!(
+        !advance(JobStatus::Failed).await,
+        "a finished job stays finished"
+    );
+    let stored = s.firmware_job(&job.job_id, &d).await.unwrap().unwrap();
+    assert_eq!(stored.status, "succeeded");
+    let names = event_names(&cx, &d).await;
+    assert!(names.contains(&"installing".to_owned()));
+    assert!(!names.contains(&"downloading".to_owned()));
+    assert!(!names.contains(&"failed".to_owned()));
+
+    // Reports racing on several gateways: each status is recorded at most once.
+    let racing = firmware_job(&cx.id("job-r"), &d, "2.1.0");
+    s.insert_firmware_job(&racing, event(&d, "firmware_queued"))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = [JobStatus::Downloading, JobStatus::Succeeded]
+        .into_iter()
+        .cycle()
+        .take(8)
+        .map(|status| {
+            let s = s.clone();
+            let (job_id, d) = (racing.job_id.clone(), d.clone());
+            tokio::spawn(async move {
+                s.advance_firmware_job(&job_id, &d, status, None, event(&d, "racing"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut moved = 0;
+    for task in tasks {
+        moved += usize::from(task.await.unwrap());
+    }
+    assert!((1..=2).contains(&moved), "{moved} updates");
+    let stored = s.firmware_job(&racing.job_id, &d).await.unwrap().unwrap();
+    assert_eq!(stored.status, "succeeded");
+}
+
+async fn changes_are_fed_with_their_writes(cx: Ctx) {
+    let s = &cx.store;
+    let d = cx.id("fed");
+    let start = s.latest_change().await.unwrap();
+    let kinds_since = |cursor: i64| {
+        let s = s.clone();
+        async move {
+            s.changes_since(cursor, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.device_id, c.kind))
+                .collect::<Vec<_>>()
+        }
+    };
+
+    enroll(&cx, &d, "r-1", "s1").await;
+    assert_eq!(kinds_since(start).await, [(d.clone(), ChangeKind::Config)]);
+    let after_enroll = s.latest_change().await.unwrap();
+    assert!(after_enroll > start);
+
+    s.insert_config(
+        &d,
+        json!({ "v": 2 }),
+        "alice",
+        event(&d, "config_published"),
+    )
+    .await
+    .unwrap();
+    s.insert_firmware_job(
+        &firmware_job(&cx.id("job-c"), &d, "3.0"),
+        event(&d, "firmware_queued"),
+    )
+    .await
+    .unwrap();
+    s.advance_firmware_job(
+        &cx.id("job-c"),
+        &d,
+        JobStatus::Downloading,
+        None,
+        event(&d, "firmware_downloading"),
+    )
+    .await
+    .unwrap();
+    assert!(s.revoke_credential(&cx.id("s1"), "admin").await.unwrap());
+    revoke(s, &d).await;
+    assert_eq!(
+        kinds_since(after_enroll).await,
+        [
+            (d.clone(), ChangeKind::Config),
+            (d.clone(), ChangeKind::Firmware),
+            (d.clone(), ChangeKind::Firmware),
+            (d.clone(), ChangeKind::Credentials),
+            (d.clone(), ChangeKind::State),
+        ]
+    );
+
+    // What changed nothing announces nothing.
+    let head = s.latest_change().await.unwrap();
+    assert!(!s.revoke_credential(&cx.id("s1"), "again").await.unwrap());
+    assert!(s
+        .revoke_device_credentials(&d, "again")
+        .await
+        .unwrap()
+        .is_empty());
+    let refused = s
+        .transition(
+            &d,
+            &NOT_REVOKED,
+            DeviceState::Revoked.into(),
+            event(&d, "x"),
+        )
+        .await;
+    assert!(matches!(refused, Err(StoreError::WrongState { .. })));
+    assert!(!s
+        .advance_firmware_job(&cx.id("job-c"), &d, JobStatus::Queued, None, event(&d, "x"))
+        .await
+        .unwrap());
+    assert_eq!(s.latest_change().await.unwrap(), head);
+
+    // Activation timeout: the credential is revoked and the device leaves `enrolling`.
+    let t = cx.id("timeout");
+    enroll(&cx, &t, "r-1", "t1").await;
+    let before = s.latest_change().await.unwrap();
+    assert!(s
+        .expire_enrollment(&t, &cx.id("t1"), event(&t, "activation_timeout"))
+        .await
+        .unwrap());
+    assert_eq!(
+        kinds_since(before).await,
+        [
+            (t.clone(), ChangeKind::Credentials),
+            (t.clone(), ChangeKind::State)
+        ]
+    );
+
+    // Ids increase, rows carry the writer's origin, and a page is bounded.
+    let all = s.changes_since(start, 100).await.unwrap();
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(all.iter().all(|c| c.origin == s.origin()));
+    assert_eq!(s.changes_since(start, 2).await.unwrap().len(), 2);
+
+    // Retention: rows older than the cut are deleted, newer ones kept.
+    let oldest = all[0].at;
+    assert_eq!(s.prune_changes(oldest).await.unwrap(), 0);
+    let pruned = s
+        .prune_changes(time::OffsetDateTime::now_utc() + Duration::seconds(1))
+        .await
+        .unwrap();
+    assert!(pruned >= all.len() as u64, "{pruned} of {}", all.len());
+    assert!(s.changes_since(start, 100).await.unwrap().is_empty());
+    // Ids are never reused after a prune.
+    s.insert_config(
+        &t,
+        json!({ "v": 3 }),
+        "alice",
+        event(&t, "config_published"),
+    )
+    .await
+    .unwrap();
+    let newest = s.latest_change().await.unwrap();
+    assert!(newest > all.last().unwrap().id);
+}
+
+async fn reenrollment_is_bound_to_the_first_factory_issuer(cx: Ctx) {
+    let s = &cx.store;
+    let d = cx.id("bound");
+    let (maker_a, maker_b) = ("CN=Maker A Factory CA", "CN=Maker B Factory CA");
+    let first = s
+        .commit_enrollment(
+            EnrollmentBuilder::new(&d, "r-1", &cx.id("s1"))
+                .factory(maker_a, "fa01")
+                .build(),
+        )
+        .await
+        .unwrap();
+    let device = s.device(&d).await.unwrap().unwrap();
+    assert_eq!(device.factory_issuer.as_deref(), Some(maker_a));
+    assert_eq!(device.factory_serial.as_deref(), Some("fa01"));
+
+    // Another maker's CA cannot re-enroll it, even with a current generation.
+    let other = EnrollmentBuilder::new(&d, "r-2", &cx.id("s2"))
+        .expected_generation(Some(first.generation))
+        .factory(maker_b, "fb01")
+        .build();
+    assert!(is_conflict(&s.commit_enrollment(other).await));
+    assert!(s.credential(&cx.id("s2")).await.unwrap().is_none());
+
+    // The same maker can (with a new factory certificate: the serial of the first is kept).
+    let again = s
+        .commit_enrollment(
+            EnrollmentBuilder::new(&d, "r-3", &cx.id("s3"))
+                .expected_generation(Some(first.generation))
+                .factory(maker_a, "fa02")
+                .build(),
+        )
+        .await
+        .unwrap();
+    let device = s.device(&d).await.unwrap().unwrap();
+    assert_eq!(device.factory_issuer.as_deref(), Some(maker_a));
+    assert_eq!(device.factory_serial.as_deref(), Some("fa01"));
+
+    // A reinstatement keeps the binding; an admin rollback of the enrollment releases it.
+    revoke(s, &d).await;
+    s.transition(
+        &d,
+        &[DeviceState::Revoked],
+        DeviceState::Pending.into(),
+        event(&d, "reinstated"),
+    )
+    .await
+    .unwrap();
+    let device = s.device(&d).await.unwrap().unwrap();
+    assert_eq!(device.factory_issuer.as_deref(), Some(maker_a));
+    s.transition(
+        &d,
+        &NOT_REVOKED,
+        TransitionTarget::new(DeviceState::Pending).releasing_factory(),
+        event(&d, "enrollment_rolled_back"),
+    )
+    .await
+    .unwrap();
+    let device = s.device(&d).await.unwrap().unwrap();
+    assert_eq!(device.factory_issuer, None);
+    assert_eq!(device.factory_serial, None);
+    let generation = device.generation;
+    assert_eq!(generation, again.generation);
+
+    s.commit_enrollment(
+        EnrollmentBuilder::new(&d, "r-4", &cx.id("s4"))
+            .expected_generation(Some(generation))
+            .factory(maker_b, "fb01")
+            .build(),
+    )
+    .await
+    .unwrap();
+    let device = s.device(&d).await.unwrap().unwrap();
+    assert_eq!(device.factory_issuer.as_deref(), Some(maker_b));
+    assert_eq!(device.factory_serial.as_deref(), Some("fb01"));
 }

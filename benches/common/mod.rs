@@ -104,6 +104,8 @@ impl Bench {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/templates");
         // Benchmarks measure the gateway, not its rate limiter.
         config.enrollment.max_requests_per_sec = 1_000_000;
+        // Every simulated device connects from loopback: one source address.
+        config.limits.max_handshakes_per_source = 1_000_000;
         let gw = Gateway::start(config.clone())
             .await
             .expect("gateway starts");
@@ -145,7 +147,7 @@ impl Bench {
     /// A TLS client configuration trusting the gateway, with a client certificate.
     pub fn tls(&self, cert: &CertAndKey) -> Arc<rustls::ClientConfig> {
         simulate::client_tls_config(
-            self.gw.pki.server_ca_pem(),
+            &self.gw.pki.server_ca_pem(),
             Some((&cert.certificate_pem, &cert.private_key_pem)),
         )
         .expect("client TLS configuration")

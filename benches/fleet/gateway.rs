@@ -102,6 +102,8 @@ impl Setup {
         c.enrollment.templates_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/templates");
         // The benchmark measures the gateway, not its rate limiter.
         c.enrollment.max_requests_per_sec = 1_000_000;
+        // Every simulated device connects from loopback: one source address.
+        c.limits.max_handshakes_per_source = 1_000_000;
         let path = self.dir.path().join("onboard.toml");
         let text = toml::to_string(&c).context("configuration as TOML")?;
         std::fs::write(&path, text).with_context(|| path.display().to_string())?;

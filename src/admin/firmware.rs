@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 use super::{parse_body, truncate, Admin, CommandError, ErrorCode};
 use crate::enroll::MAX_FIELD;
-use crate::store::{AuditEvent, Device, DeviceFilter, DeviceState, FirmwareJob};
+use crate::store::{AuditEvent, Device, DeviceFilter, DeviceState, FirmwareJob, JobStatus};
 use crate::topics;
 
 /// Most devices one `admin/firmware` command may name.
@@ -26,18 +26,14 @@ const MAX_STATUS_ERROR: usize = 512;
 
 /// Order of job statuses; a report may only move a job to a higher rank.
 fn rank(status: &str) -> Option<u8> {
-    match status {
-        "queued" => Some(0),
-        "downloading" => Some(1),
-        "installing" => Some(2),
-        "succeeded" | "failed" => Some(3),
-        _ => None,
-    }
+    status.parse::<JobStatus>().ok().map(JobStatus::rank)
 }
 
 /// Whether a job is finished.
 pub fn is_terminal(status: &str) -> bool {
-    matches!(status, "succeeded" | "failed")
+    status
+        .parse::<JobStatus>()
+        .is_ok_and(JobStatus::is_terminal)
 }
 
 /// The retained document of a job on `devices/D/firmware`.
@@ -217,10 +213,10 @@ impl Admin {
             .with_request(request_id);
             match self
                 .store
-                .update_firmware_job(
+                .advance_firmware_job(
                     &old.job_id,
                     &device.id,
-                    "failed",
+                    JobStatus::Failed,
                     Some("superseded"),
                     event.clone(),
                 )
@@ -357,7 +353,12 @@ impl Admin {
             Err(e) => return rejected(None, format!("not a firmware status: {e}")),
         };
         let job_id = truncate(&report.job_id, 64);
-        let Some(new_rank) = rank(&report.status).filter(|r| *r > 0) else {
+        let Some(new_status) = report
+            .status
+            .parse::<JobStatus>()
+            .ok()
+            .filter(|s| s.rank() > 0)
+        else {
             return rejected(
                 Some(&job_id),
                 format!(
@@ -366,7 +367,6 @@ impl Admin {
                 ),
             );
         };
-        let _one_at_a_time = self.firmware_reports.lock().await;
         let job = match self
             .metrics
             .store_op("firmware_job", self.store.firmware_job(&job_id, device_id))
@@ -382,7 +382,9 @@ impl Admin {
         if job.status == report.status {
             return; // a repeated report
         }
-        if rank(&job.status).is_none_or(|current| current >= new_rank) {
+        // A quick answer for a report that is plainly late; the store's guarded update decides
+        // when two reports (on two gateways) race.
+        if rank(&job.status).is_none_or(|current| current >= new_status.rank()) {
             return rejected(
                 Some(&job_id),
                 format!("job is {}; it cannot become {}", job.status, report.status),
@@ -401,11 +403,11 @@ impl Admin {
         match self
             .metrics
             .store_op(
-                "update_firmware_job",
-                self.store.update_firmware_job(
+                "advance_firmware_job",
+                self.store.advance_firmware_job(
                     &job.job_id,
                     device_id,
-                    &report.status,
+                    new_status,
                     error.as_deref(),
                     event.clone(),
                 ),
@@ -413,13 +415,18 @@ impl Admin {
             .await
         {
             Ok(true) => self.audit.announce(&event),
-            Ok(false) => return,
+            Ok(false) => {
+                return rejected(
+                    Some(&job_id),
+                    format!("job moved on before it could become {new_status}"),
+                )
+            }
             Err(e) => {
                 tracing::warn!(device_id, error = %e, "firmware status not recorded");
                 return;
             }
         }
-        if report.status == "succeeded" {
+        if new_status == JobStatus::Succeeded {
             if let Err(e) = self
                 .metrics
                 .store_op(
@@ -431,7 +438,7 @@ impl Admin {
                 tracing::warn!(device_id, error = %e, "firmware version not recorded");
             }
         }
-        if is_terminal(&report.status) {
+        if new_status.is_terminal() {
             let latest = self.store.latest_firmware_job(device_id).await;
             if matches!(&latest, Ok(Some(l)) if l.job_id == job.job_id) {
                 self.link.clear_retained(&topics::firmware(device_id));

@@ -233,6 +233,35 @@ pub(crate) fn parse_body<T: DeserializeOwned>(mut value: Value) -> Result<T, Com
     })
 }
 
+/// The checks an admin command passes before anything is read or written: its topic, JSON
+/// shape, `request_id` and body (firmware specs included). Returns the command it names.
+pub fn check_command(topic: &str, payload: &[u8]) -> Result<Command, CommandError> {
+    let (command, _device) = parse_topic(topic);
+    let malformed = |m: &str| CommandError::new(ErrorCode::MalformedRequest, m);
+    let value: Value = serde_json::from_slice(payload).map_err(|_| malformed("not JSON"))?;
+    value
+        .get("request_id")
+        .and_then(Value::as_str)
+        .filter(|id| usable_request_id(id))
+        .ok_or_else(|| malformed("no usable request_id"))?;
+    match command {
+        Command::Config => parse_body::<config::ConfigCommand>(value).map(drop)?,
+        Command::Rollback => parse_body::<config::RollbackCommand>(value).map(drop)?,
+        Command::Firmware => {
+            let c: firmware::FirmwareCommand = parse_body(value)?;
+            firmware::validate_spec(&c.version, &c.url, &c.sha256, &c.size).map(drop)?
+        }
+        Command::FleetFirmware => {
+            let c: firmware::FleetFirmwareCommand = parse_body(value)?;
+            firmware::validate_spec(&c.version, &c.url, &c.sha256, &c.size).map(drop)?
+        }
+        Command::Revoke => parse_body::<revoke::RevokeCommand>(value).map(drop)?,
+        Command::Reinstate => parse_body::<revoke::ReinstateCommand>(value).map(drop)?,
+        Command::Unknown => return Err(malformed("unknown command")),
+    }
+    Ok(command)
+}
+
 /// Cut a device-supplied string to `max` characters for logs and the audit trail.
 pub(crate) fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
@@ -253,9 +282,6 @@ pub struct Admin {
     /// Configuration versions are written one at a time (admin commands and automatic
     /// rollbacks), so the version we render into the body is the one the store assigns.
     config_writes: tokio::sync::Mutex<()>,
-    /// Firmware reports are applied one at a time, so a job never moves backwards when two
-    /// reports race.
-    firmware_reports: tokio::sync::Mutex<()>,
     renewals: renew::Renewals,
     /// Credentials per device per hour (renewals count with enrollments).
     quota: IssueQuota,
@@ -281,7 +307,6 @@ impl Admin {
             config,
             commands: tokio::sync::Mutex::new(()),
             config_writes: tokio::sync::Mutex::new(()),
-            firmware_reports: tokio::sync::Mutex::new(()),
             renewals: renew::Renewals::default(),
             quota: IssueQuota {
                 per_window: u32::MAX,

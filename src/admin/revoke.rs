@@ -9,11 +9,19 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{parse_body, Admin, CommandError, ErrorCode};
-use crate::store::{AuditEvent, Device, DeviceState};
+use crate::store::{AuditEvent, DeviceState, StoreError, Transition, TransitionTarget};
 use crate::topics;
 
 /// Longest revocation reason kept.
 const MAX_REASON: usize = 256;
+
+/// Every state but `revoked`: where a revocation or an enrollment rollback may start.
+const NOT_REVOKED: [DeviceState; 4] = [
+    DeviceState::Pending,
+    DeviceState::Enrolling,
+    DeviceState::Active,
+    DeviceState::Failed,
+];
 
 /// `admin/devices/D/revoke`.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,52 +37,45 @@ pub struct RevokeCommand {
 pub struct ReinstateCommand {}
 
 impl Admin {
-    /// Set the device's state with its event (written in the same transaction) and announce it.
-    async fn set_state(
+    /// Move the device from one of `from` to `to` with its event (written in the same
+    /// guarded transaction) and announce it. A device found in another state (changed by
+    /// another admin or gateway since it was read) is refused with `refused`.
+    async fn transition(
         &self,
         device_id: &str,
-        state: DeviceState,
-        last_error: Option<&str>,
+        from: &[DeviceState],
+        to: TransitionTarget,
         event: AuditEvent,
-    ) -> Result<DeviceState, CommandError> {
-        let previous = self
+        refused: ErrorCode,
+    ) -> Result<Transition, CommandError> {
+        let moved = self
             .metrics
             .store_op(
-                "set_device_state",
-                self.store
-                    .set_device_state(device_id, state, last_error, event.clone()),
+                "transition",
+                self.store.transition(device_id, from, to, event.clone()),
             )
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::NotFound(_) => CommandError::new(
+                StoreError::NotFound(_) => CommandError::new(
                     ErrorCode::UnknownDevice,
                     format!("no device {device_id:?} in the inventory"),
                 ),
+                StoreError::WrongState { actual, .. } => {
+                    CommandError::new(refused, format!("device {device_id:?} is {actual}"))
+                }
                 e => CommandError::store(&e),
             })?;
         self.audit.announce(&event);
-        Ok(previous)
+        Ok(moved)
     }
 
-    /// Revoke every credential of the device, close its sessions and clear its retained
-    /// topics. Returns the revoked serials and how many sessions were closed.
-    async fn cut_off(
-        &self,
-        device: &Device,
-        reason: &str,
-    ) -> Result<(Vec<String>, usize), CommandError> {
-        let serials = self
-            .metrics
-            .store_op(
-                "revoke_device_credentials",
-                self.store.revoke_device_credentials(&device.id, reason),
-            )
-            .await
-            .map_err(|e| CommandError::store(&e))?;
-        let disconnected = self.sessions.disconnect(&device.id);
-        self.link.clear_retained(&topics::config(&device.id));
-        self.link.clear_retained(&topics::firmware(&device.id));
-        Ok((serials, disconnected))
+    /// After a transition that revoked the device's credentials: close its sessions and
+    /// clear its retained topics. Returns how many sessions were closed.
+    fn cut_off(&self, device_id: &str) -> usize {
+        let disconnected = self.sessions.disconnect(device_id);
+        self.link.clear_retained(&topics::config(device_id));
+        self.link.clear_retained(&topics::firmware(device_id));
+        disconnected
     }
 
     /// `admin/devices/D/revoke`.
@@ -112,10 +113,22 @@ impl Admin {
                 .map(|r| format!(": {r}"))
                 .unwrap_or_default()
         );
-        let previous = self
-            .set_state(device_id, DeviceState::Revoked, Some(&last_error), event)
+        // The state and the credentials in one transaction: from here on every connect and
+        // enrollment of the device is refused, on every gateway.
+        let target = TransitionTarget::new(DeviceState::Revoked)
+            .with_error(&last_error)
+            .revoking_credentials("device_revoked");
+        let moved = self
+            .transition(
+                device_id,
+                &NOT_REVOKED,
+                target,
+                event,
+                ErrorCode::AlreadyRevoked,
+            )
             .await?;
-        let (serials, disconnected) = self.cut_off(&device, "device_revoked").await?;
+        let disconnected = self.cut_off(device_id);
+        let serials = moved.revoked.clone();
         self.audit.record(
             AuditEvent::new(
                 device_id,
@@ -128,7 +141,7 @@ impl Admin {
         Ok(json!({
             "device_id": device_id,
             "state": "revoked",
-            "previous_state": previous.as_str(),
+            "previous_state": moved.from.as_str(),
             "revoked_credentials": serials,
             "disconnected": disconnected,
         }))
@@ -158,8 +171,14 @@ impl Admin {
             json!({ "previous_state": "revoked" }),
         )
         .with_request(request_id);
-        self.set_state(device_id, DeviceState::Pending, None, event)
-            .await?;
+        self.transition(
+            device_id,
+            &[DeviceState::Revoked],
+            DeviceState::Pending.into(),
+            event,
+            ErrorCode::NotRevoked,
+        )
+        .await?;
         Ok(json!({ "device_id": device_id, "state": "pending" }))
     }
 
@@ -179,22 +198,39 @@ impl Admin {
                 format!("device {device_id:?} is revoked; reinstate it instead"),
             ));
         }
-        let (serials, disconnected) = self.cut_off(&device, "enrollment_rolled_back").await?;
         let event = AuditEvent::new(
             device_id,
             "enrollment_rolled_back",
             actor,
-            json!({
-                "trigger": "admin",
-                "previous_state": device.state.as_str(),
-                "revoked_credentials": serials,
-                "disconnected": disconnected,
-            }),
+            json!({ "trigger": "admin", "previous_state": device.state.as_str() }),
         )
         .with_request(request_id);
-        let previous = self
-            .set_state(device_id, DeviceState::Pending, None, event)
+        // A revocation that won the race (another admin, another gateway) is never
+        // overwritten: the transition refuses a revoked device. The factory issuer binding is
+        // released, so the device may come back through another maker's CA.
+        let target = TransitionTarget::new(DeviceState::Pending)
+            .releasing_factory()
+            .revoking_credentials("enrollment_rolled_back");
+        let moved = self
+            .transition(
+                device_id,
+                &NOT_REVOKED,
+                target,
+                event,
+                ErrorCode::DeviceRevoked,
+            )
             .await?;
+        let disconnected = self.cut_off(device_id);
+        let serials = moved.revoked.clone();
+        self.audit.record(
+            AuditEvent::new(
+                device_id,
+                "credentials_revoked",
+                actor,
+                json!({ "serials": serials, "reason": "enrollment_rolled_back", "disconnected": disconnected }),
+            )
+            .with_request(request_id),
+        );
         self.metrics
             .rollbacks
             .with_label_values(&["enrollment", "admin"])
@@ -202,7 +238,7 @@ impl Admin {
         Ok(json!({
             "device_id": device_id,
             "state": "pending",
-            "previous_state": previous.as_str(),
+            "previous_state": moved.from.as_str(),
             "revoked_credentials": serials,
             "disconnected": disconnected,
         }))

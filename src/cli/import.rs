@@ -20,11 +20,7 @@ pub async fn run_import(
         regex::Regex::new(&config.pki.device_id_pattern).context("[pki] device_id_pattern")?;
     let templates = crate::templates::Templates::load(&config.enrollment.templates_dir)
         .context("loading the device-type templates")?;
-    let types: Vec<String> = templates
-        .device_types()
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let types: Vec<String> = templates.device_types();
     let rules = RowRules {
         device_id_pattern: &pattern,
         device_types: Some(&types),

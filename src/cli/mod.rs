@@ -2,6 +2,8 @@
 
 pub mod admin;
 pub mod import;
+mod ops;
+mod serve;
 pub mod simulate;
 
 use std::path::{Path, PathBuf};
@@ -13,15 +15,22 @@ use clap::{Parser, Subcommand, ValueEnum};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::config::Config;
-use crate::gateway::Gateway;
+use crate::config::{Config, LogFormat};
 use crate::pki::{CertOptions, Pki};
 use crate::store::{self, Device, DeviceFilter, DeviceState};
+
+/// `onboard --version`: the crate version and the git revision it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("BUILT_GIT_REVISION"),
+    ")"
+);
 
 #[derive(Parser, Debug)]
 #[command(
     name = "onboard",
-    version,
+    version = VERSION,
     about = "MQTT broker with a built-in zero-touch enrollment gateway"
 )]
 pub struct Cli {
@@ -35,8 +44,13 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the gateway: broker, TLS front, enrollment, metrics.
-    Serve,
+    /// Run the gateway: broker, TLS front, enrollment, metrics. SIGHUP reloads the
+    /// certificates, CAs, admin revocation list and templates.
+    Serve {
+        /// Log lines as text or JSON [default: `[log] format`, ONBOARD_LOG_FORMAT].
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
     /// Certificates: development PKI, factory and admin certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -52,6 +66,9 @@ pub enum Command {
     },
     /// Simulate a fleet enrolling end to end against a running gateway.
     Simulate(simulate::SimulateArgs),
+    /// The inventory store itself.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// A device's audit trail, oldest first.
     Audit {
         device: String,
@@ -103,6 +120,33 @@ pub enum PkiCommand {
     IssueAdmin {
         name: String,
         #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Revoke an admin certificate: add it to the admin revocation list (`[pki] admin_crl`,
+    /// signed by the admin CA). A running gateway applies it on SIGHUP.
+    RevokeAdmin {
+        /// The admin's certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// PKI directory [default: `[pki] dir`].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Check a PKI directory before going live: validity and expiry, keys, permissions,
+    /// server names, factory CA subjects. Exits non-zero on a problem.
+    Check {
+        /// PKI directory [default: `[pki] dir`].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Copy the SQLite store into a new file while gateways keep running (SQL Server: use
+    /// the server's BACKUP DATABASE).
+    Backup {
+        #[arg(long)]
         out: PathBuf,
     },
 }
@@ -170,7 +214,23 @@ pub fn parse_period(s: &str) -> Result<Duration, String> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Serve));
+    let mut config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Command::Serve {
+        log_format: Some(format),
+    } = cli.command
+    {
+        config.log.format = format;
+    }
+    serve::init_logging(
+        matches!(cli.command, Command::Serve { .. }),
+        config.log.format,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -181,7 +241,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -190,35 +250,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(serving: bool) {
-    // rumqttd logs every ordinary disconnect at ERROR ("router-drop"); the front logs what
-    // matters about connections, so the embedded broker's own log is off unless asked for
-    // (e.g. ONBOARD_LOG=info,rumqttd=info).
-    let default = if serving {
-        "info,rumqttd=off"
-    } else {
-        "warn,rumqttd=off"
-    };
-    let mut filter = tracing_subscriber::EnvFilter::try_from_env("ONBOARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // The SQL Server driver warns on every connection that trusts the server's certificate
-    // unchecked; the store says so once at start instead (unless its log is asked for).
-    let driver_asked = std::env::var("ONBOARD_LOG").is_ok_and(|v| v.contains("tiberius"));
-    if !driver_asked {
-        if let Ok(directive) = "tiberius::client::tls_stream=error".parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
-async fn run(cli: Cli) -> Result<()> {
-    let config = Config::load(cli.config.as_deref())?;
+async fn run(cli: Cli, config: Config) -> Result<()> {
     match cli.command {
-        Command::Serve => serve(config).await,
+        Command::Serve { .. } => serve::serve(config, cli.config).await,
+        Command::Store(StoreCommand::Backup { out }) => ops::backup(&config, out).await,
         Command::Pki(cmd) => pki(cmd, &config),
         Command::Devices(cmd) => devices(cmd, &config).await,
         Command::Admin { conn, cmd } => admin::run(cmd, &config, &conn).await,
@@ -229,56 +264,6 @@ async fn run(cli: Cli) -> Result<()> {
             format,
         } => audit(&device, limit, format, &config).await,
     }
-}
-
-async fn serve(config: Config) -> Result<()> {
-    let gateway = Gateway::start(config.clone()).await?;
-    if gateway.created_pki {
-        eprintln!(
-            "\n  !!! No PKI was found in {dir}: a DEVELOPMENT PKI was created there.\n  !!! Its CAs are self-signed; do not use it in production.\n  !!! Factory certificates: onboard pki issue-factory --id DEVICE --out DIR\n",
-            dir = config.pki.dir.display()
-        );
-    }
-    eprintln!(
-        "onboard listening: mTLS {} | password {} | metrics http://{}/metrics | store {}",
-        gateway.mtls_addr,
-        gateway.password_addr,
-        gateway.metrics_addr,
-        gateway.store.backend()
-    );
-    let broker_failed = gateway.broker_failed.clone();
-    tokio::select! {
-        _ = shutdown_signal() => {
-            eprintln!("shutting down");
-            gateway.stop().await;
-            Ok(())
-        }
-        _ = broker_failed.cancelled() => {
-            gateway.stop().await;
-            bail!("the embedded broker stopped routing messages; exiting so that the service manager restarts the gateway (its state is rebuilt from the store)")
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 fn pki(cmd: PkiCommand, config: &Config) -> Result<()> {
@@ -350,6 +335,8 @@ fn pki(cmd: PkiCommand, config: &Config) -> Result<()> {
             );
             Ok(())
         }
+        PkiCommand::RevokeAdmin { cert, dir } => ops::revoke_admin(config, dir, &cert),
+        PkiCommand::Check { dir } => ops::check(config, dir),
         PkiCommand::IssueAdmin { name, out } => {
             crate::pki::issue_admin(&config.pki.dir, &name, &out)?;
             println!(
@@ -468,6 +455,11 @@ async fn devices(cmd: DevicesCommand, config: &Config) -> Result<()> {
             println!(
                 "last error:       {}",
                 d.last_error.as_deref().unwrap_or("")
+            );
+            println!(
+                "factory issuer:   {} (serial {})",
+                d.factory_issuer.as_deref().unwrap_or(""),
+                d.factory_serial.as_deref().unwrap_or("")
             );
             println!("credentials:");
             for c in credentials {

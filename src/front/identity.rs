@@ -24,7 +24,7 @@ pub enum Listener {
 }
 
 /// Why a connection was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RefusalReason {
     Certificate(CertRefusalReason),
     TlsHandshake,
@@ -42,11 +42,13 @@ pub enum RefusalReason {
     WillTopicDenied,
     StoreUnavailable,
     TooManyConnections,
+    /// The source address already has `[limits] max_handshakes_per_source` in progress.
+    TooManyHandshakes,
     BrokerRefused,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 23] = [
+    pub const ALL: [RefusalReason; 24] = [
         RefusalReason::Certificate(CertRefusalReason::NoCertificate),
         RefusalReason::Certificate(CertRefusalReason::UnknownCa),
         RefusalReason::Certificate(CertRefusalReason::Expired),
@@ -69,6 +71,7 @@ impl RefusalReason {
         RefusalReason::WillTopicDenied,
         RefusalReason::StoreUnavailable,
         RefusalReason::TooManyConnections,
+        RefusalReason::TooManyHandshakes,
         RefusalReason::BrokerRefused,
     ];
 
@@ -90,6 +93,7 @@ impl RefusalReason {
             RefusalReason::WillTopicDenied => "will_topic_denied",
             RefusalReason::StoreUnavailable => "store_unavailable",
             RefusalReason::TooManyConnections => "too_many_connections",
+            RefusalReason::TooManyHandshakes => "too_many_handshakes",
             RefusalReason::BrokerRefused => "broker_refused",
         }
     }
@@ -99,9 +103,9 @@ impl RefusalReason {
         match self {
             RefusalReason::UnsupportedProtocol => connack::BAD_PROTOCOL_VERSION,
             RefusalReason::BadPassword => connack::BAD_USERNAME_OR_PASSWORD,
-            RefusalReason::StoreUnavailable | RefusalReason::TooManyConnections => {
-                connack::SERVER_UNAVAILABLE
-            }
+            RefusalReason::StoreUnavailable
+            | RefusalReason::TooManyConnections
+            | RefusalReason::TooManyHandshakes => connack::SERVER_UNAVAILABLE,
             _ => connack::NOT_AUTHORIZED,
         }
     }
@@ -141,13 +145,22 @@ impl Refusal {
     }
 }
 
+impl Refusal {
+    /// Whether the refusal names no one (no certificate subject, no client id): what a scanner
+    /// or a flood produces. Such refusals are audited in aggregate.
+    pub fn is_anonymous(&self) -> bool {
+        self.claimed_id.is_none()
+    }
+}
+
 impl From<CertRefusal> for Refusal {
     fn from(r: CertRefusal) -> Self {
-        Refusal::new(
-            RefusalReason::Certificate(r.reason),
-            r.subject_cn.as_deref(),
-            r.detail,
-        )
+        let reason = match r.reason {
+            // A revoked admin certificate is a revoked credential like any other.
+            CertRefusalReason::Revoked => RefusalReason::CredentialRevoked,
+            other => RefusalReason::Certificate(other),
+        };
+        Refusal::new(reason, r.subject_cn.as_deref(), r.detail)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The TLS front: the only way in.
 //!
-//! For every accepted socket, in its own task (a slow or idle client delays nobody else):
+//! For every accepted socket, in its own task (a slow or idle client delays nobody else), once
+//! it holds a connection slot and one of its source address's handshake slots ([`sources`]):
 //! 1. TLS handshake, bounded by `handshake_timeout_ms`; on the mTLS listener the client
 //!    certificate is verified by [`crate::pki`] (chain, validity, clientAuth, key strength);
 //! 2. the MQTT CONNECT must follow within `connect_timeout_ms`;
@@ -13,7 +14,8 @@
 //!    - admins are relayed to the broker (`relay`), which fans out to their wildcards.
 //!
 //! Every PUBLISH and SUBSCRIBE is checked against [`rules::allowed`]; denied filters get
-//! SUBACK 0x80, a denied publish closes the connection.
+//! SUBACK 0x80, a denied publish closes the connection. Refusals that name no one are audited
+//! in aggregate ([`tally`]).
 
 pub mod codec;
 pub mod identity;
@@ -21,6 +23,8 @@ mod relay;
 pub mod rules;
 mod served;
 pub mod session;
+pub mod sources;
+pub mod tally;
 
 pub use served::MAX_SUBSCRIPTIONS;
 
@@ -40,11 +44,13 @@ use crate::broker::Fanout;
 use crate::mailbox::Mailboxes;
 use crate::metrics::Metrics;
 use crate::pki::{Pki, Role};
-use crate::store::AuditEvent;
+use crate::store::{AuditEvent, FactoryIdentity};
 use codec::CodecError;
 use identity::{Authenticator, Identity, Listener, Refusal, RefusalReason};
 use rules::Action;
 use session::Sessions;
+use sources::HandshakeSlots;
+use tally::RefusalTally;
 
 /// Read buffer per direction of a relayed (admin) connection.
 const READ_BUFFER: usize = 16 * 1024;
@@ -100,6 +106,10 @@ pub struct Front {
     pub max_retained: usize,
     /// Bounds concurrent connections (both listeners).
     pub connection_slots: Arc<Semaphore>,
+    /// Bounds the handshakes one source address has in progress (both listeners).
+    pub handshakes: Arc<HandshakeSlots>,
+    /// Where refusals that name no one are counted, to be audited once per reason and window.
+    pub anonymous_refusals: Arc<RefusalTally>,
 }
 
 impl Front {
@@ -110,10 +120,6 @@ impl Front {
         kind: Listener,
         shutdown: CancellationToken,
     ) {
-        let acceptor = TlsAcceptor::from(match kind {
-            Listener::Mtls => self.pki.mtls_server_config(),
-            Listener::Password => self.pki.tls_server_config(),
-        });
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -139,26 +145,49 @@ impl Front {
                 );
                 continue;
             };
+            let Some(handshake) = self.handshakes.try_acquire(remote.ip()) else {
+                drop(tcp);
+                self.refused(
+                    &Refusal::new(
+                        RefusalReason::TooManyHandshakes,
+                        None,
+                        "too many handshakes in progress from this address",
+                    ),
+                    remote,
+                );
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let front = self.clone();
-            let acceptor = acceptor.clone();
+            // Taken at every accept: a reload (SIGHUP) applies to the next handshake.
+            let acceptor = TlsAcceptor::from(match kind {
+                Listener::Mtls => self.pki.mtls_server_config(),
+                Listener::Password => self.pki.tls_server_config(),
+            });
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 front
-                    .connection(tcp, remote, acceptor, kind, shutdown)
+                    .connection(tcp, remote, acceptor, kind, handshake, shutdown)
                     .await;
                 drop(permit);
             });
         }
     }
 
+    /// Count a refusal, and audit it: on its own when it names someone, in the window's tally
+    /// when it names no one.
     fn refused(&self, refusal: &Refusal, remote: SocketAddr) {
         let reason = refusal.reason.as_str();
         self.metrics
             .auth_failures
             .with_label_values(&[reason])
             .inc();
-        tracing::info!(%remote, reason, id = refusal.claimed_id.as_deref().unwrap_or("-"), detail = %refusal.detail, "connection refused");
+        if refusal.is_anonymous() {
+            tracing::debug!(%remote, reason, detail = %refusal.detail, "connection refused");
+            self.anonymous_refusals.count(refusal.reason, remote);
+            return;
+        }
+        tracing::info!(%remote, reason, device_id = refusal.claimed_id.as_deref().unwrap_or("-"), detail = %refusal.detail, "connection refused");
         self.audit.record(AuditEvent::new(
             refusal.claimed_id.as_deref().unwrap_or("-"),
             "auth_refused",
@@ -173,6 +202,7 @@ impl Front {
         remote: SocketAddr,
         acceptor: TlsAcceptor,
         listener: Listener,
+        handshake: sources::HandshakeSlot,
         shutdown: CancellationToken,
     ) {
         let tls = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
@@ -269,6 +299,7 @@ impl Front {
         {
             Ok(identity) => identity,
             Err(refusal) => {
+                drop(handshake);
                 let _ = client_wr
                     .write_all(&codec::connack(refusal.reason.connack_code()))
                     .await;
@@ -278,6 +309,7 @@ impl Front {
             }
         };
 
+        drop(handshake);
         let role = identity.principal.role;
         let admitted = Admitted {
             identity,
@@ -292,8 +324,17 @@ impl Front {
             &identity.serial,
             admitted.kill.clone(),
         );
+        if let (Role::Bootstrap, Some(peer)) = (role, peer.as_ref()) {
+            let factory = FactoryIdentity {
+                issuer: peer.issuer.clone(),
+                serial: peer.serial.clone(),
+            };
+            self.sessions
+                .record_factory(&identity.principal.id, factory);
+        }
         let gauge = self.metrics.connections.with_label_values(&[role.as_str()]);
         gauge.inc();
+        tracing::debug!(device_id = %identity.principal.id, role = role.as_str(), remote = %admitted.remote, "client connected");
         if identity.first_use {
             self.hooks
                 .credential_first_use(&identity.principal.id, &identity.serial);
@@ -313,13 +354,14 @@ impl Front {
     /// Log (and count) how a connection ended where that tells an operator something.
     fn ended(&self, identity: &Identity, end: &End) {
         let (id, role) = (&identity.principal.id, identity.principal.role.as_str());
+        tracing::debug!(device_id = %id, role, end = ?end, "connection ended");
         match end {
             End::Denied(topic, why) => {
-                tracing::info!(%id, role, topic, why, "publish denied; connection closed");
+                tracing::info!(device_id = %id, role, topic, why, "publish denied; connection closed");
             }
             End::SlowClient => {
                 self.metrics.slow_client_disconnects.inc();
-                tracing::info!(%id, role, "client stopped reading; connection closed");
+                tracing::info!(device_id = %id, role, "client stopped reading; connection closed");
                 self.audit.record(AuditEvent::new(
                     id,
                     "slow_client",
@@ -345,7 +387,7 @@ impl Front {
     }
 
     fn protocol_violation(&self, who: &rules::Principal, detail: &str) {
-        tracing::info!(id = %who.id, detail, "protocol violation; connection closed");
+        tracing::info!(device_id = %who.id, role = who.role.as_str(), detail, "protocol violation; connection closed");
         self.audit.record(AuditEvent::new(
             &who.id,
             "protocol_violation",

@@ -3,11 +3,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::pki::Role;
+use crate::store::FactoryIdentity;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -22,10 +24,10 @@ struct Entry {
 pub struct Sessions {
     by_id: DashMap<String, Vec<Entry>>,
     next: AtomicU64,
-    /// Serial of the factory certificate each device last bootstrapped with, kept after the
-    /// connection closes (a request is often handled after its publisher hung up) until the
-    /// enrollment takes it.
-    factory_serials: DashMap<String, String>,
+    /// The factory certificate (issuer and serial) each device last bootstrapped with, and
+    /// when: kept after the connection closes (a request is often handled after its publisher
+    /// hung up) until [`Sessions::prune_factories`] finds it old and unused.
+    factories: DashMap<String, (FactoryIdentity, Instant)>,
 }
 
 /// Removes its session from the registry when dropped.
@@ -56,10 +58,6 @@ impl Sessions {
         kill: CancellationToken,
     ) -> SessionGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        if role == Role::Bootstrap {
-            self.factory_serials
-                .insert(key.to_owned(), serial.to_owned());
-        }
         self.by_id.entry(key.to_owned()).or_default().push(Entry {
             id,
             role,
@@ -88,6 +86,25 @@ impl Sessions {
         self.disconnect_where(key, |e| e.serial == serial)
     }
 
+    /// Disconnect every session of `role` whose credential serial `revoked` says is revoked,
+    /// whoever it belongs to. Returns the (id, serial) of each session disconnected.
+    pub fn disconnect_revoked(
+        &self,
+        role: Role,
+        revoked: impl Fn(&str) -> bool,
+    ) -> Vec<(String, String)> {
+        let mut ended = Vec::new();
+        for entries in self.by_id.iter() {
+            for entry in entries.iter() {
+                if entry.role == role && revoked(&entry.serial) {
+                    entry.kill.cancel();
+                    ended.push((entries.key().clone(), entry.serial.clone()));
+                }
+            }
+        }
+        ended
+    }
+
     fn disconnect_where(&self, key: &str, matching: impl Fn(&Entry) -> bool) -> usize {
         self.by_id
             .get(key)
@@ -98,9 +115,23 @@ impl Sessions {
             .unwrap_or(0)
     }
 
-    /// The factory certificate serial `key` last bootstrapped with (and forget it).
-    pub fn take_factory_serial(&self, key: &str) -> Option<String> {
-        self.factory_serials.remove(key).map(|(_, serial)| serial)
+    /// Remember the factory certificate a bootstrap session of `key` connected with.
+    pub fn record_factory(&self, key: &str, factory: FactoryIdentity) {
+        self.factories
+            .insert(key.to_owned(), (factory, Instant::now()));
+    }
+
+    /// The factory certificate `key` last bootstrapped with.
+    pub fn factory(&self, key: &str) -> Option<FactoryIdentity> {
+        self.factories.get(key).map(|entry| entry.0.clone())
+    }
+
+    /// Forget the factory certificates of devices with no bootstrap session, recorded more
+    /// than `max_age` ago.
+    pub fn prune_factories(&self, max_age: Duration) {
+        self.factories.retain(|key, (_, at)| {
+            at.elapsed() < max_age || self.is_connected(key, Role::Bootstrap)
+        });
     }
 
     pub fn is_connected(&self, key: &str, role: Role) -> bool {
@@ -126,10 +157,39 @@ mod tests {
         assert!(kill.is_cancelled());
         drop(guard);
         assert!(!sessions.is_connected("d1", Role::Device));
+        let factory = FactoryIdentity {
+            issuer: "CN=maker".into(),
+            serial: "f1".into(),
+        };
         let boot = sessions.register("d1", Role::Bootstrap, "f1", CancellationToken::new());
+        sessions.record_factory("d1", factory.clone());
+        sessions.prune_factories(Duration::ZERO);
+        assert_eq!(
+            sessions.factory("d1"),
+            Some(factory.clone()),
+            "still connected"
+        );
         drop(boot);
-        assert_eq!(sessions.take_factory_serial("d1").as_deref(), Some("f1"));
-        assert_eq!(sessions.take_factory_serial("d1"), None);
+        sessions.prune_factories(Duration::from_secs(60));
+        assert_eq!(sessions.factory("d1"), Some(factory), "recent");
+        sessions.prune_factories(Duration::ZERO);
+        assert_eq!(sessions.factory("d1"), None);
         assert_eq!(sessions.disconnect("d1"), 0);
+    }
+
+    #[test]
+    fn revoked_serials_of_one_role_are_disconnected() {
+        let sessions = Arc::new(Sessions::default());
+        let (alice, bob, dev) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let _a = sessions.register("alice", Role::Admin, "a1", alice.clone());
+        let _b = sessions.register("bob", Role::Admin, "b1", bob.clone());
+        let _d = sessions.register("d1", Role::Device, "a1", dev.clone());
+        let ended = sessions.disconnect_revoked(Role::Admin, |serial| serial == "a1");
+        assert_eq!(ended, [("alice".to_owned(), "a1".to_owned())]);
+        assert!(alice.is_cancelled() && !bob.is_cancelled() && !dev.is_cancelled());
     }
 }

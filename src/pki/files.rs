@@ -159,6 +159,28 @@ pub(crate) fn write_replace(path: &Path, contents: &[u8], secret: bool) -> Resul
     file.write_all(contents).map_err(|e| io_error(path, e))
 }
 
+/// Replace a public file atomically: write a temporary file beside it, flush it to disk, and
+/// rename it over the old one, so that a reader sees the old file or the new one, never a part.
+pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    create_parent(path)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut file = open_options(false, true).open(&temp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&temp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&temp);
+        return Err(io_error(path, e));
+    }
+    Ok(())
+}
+
 /// `<dir>/<stem>.<ext>`.
 pub(crate) fn stem_path(dir: &Path, stem: &str, ext: &str) -> PathBuf {
     dir.join(format!("{stem}.{ext}"))

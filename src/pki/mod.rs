@@ -10,15 +10,20 @@
 //! | `operational-ca.pem` + `operational-ca.key` (0600) | our issuing CA: device role |
 //! | `admin-ca.pem` (+ `admin-ca.key`) | admin role |
 //! | `server.pem` + `server.key` | the gateway's TLS server certificate |
+//! | `admin-crl.pem` (optional, `[pki] admin_crl`) | revoked admin certificates, signed by the admin CA |
+//! | previous operational CAs (`[pki] previous_operational_cas`) | still trusted for the device role during a rotation |
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use crate::config::PkiConfig;
 
+pub mod check;
+mod crl;
+mod expiry;
 mod files;
 mod issue;
 mod tls;
@@ -27,6 +32,8 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+pub use crl::{revoke_admin, Revocation, RevokedAdmins};
+pub use expiry::{certificate_expiry, CertificateExpiry, PkiCertificate};
 pub use verify::ClientVerifier;
 
 /// The role a client certificate grants, decided by the CA that issued it.
@@ -61,6 +68,8 @@ pub enum CertRefusalReason {
     MissingClientAuth,
     WeakKey,
     Malformed,
+    /// An admin certificate on the admin revocation list.
+    Revoked,
 }
 
 impl CertRefusalReason {
@@ -73,6 +82,7 @@ impl CertRefusalReason {
             CertRefusalReason::MissingClientAuth => "missing_client_auth",
             CertRefusalReason::WeakKey => "weak_key",
             CertRefusalReason::Malformed => "bad_certificate",
+            CertRefusalReason::Revoked => "credential_revoked",
         }
     }
 }
@@ -100,6 +110,9 @@ pub struct PeerCert {
     /// SHA-256 of the DER.
     pub fingerprint: Vec<u8>,
     pub not_after: OffsetDateTime,
+    /// Subject DN of our CA that the chain leads to (for a factory certificate: the maker's
+    /// CA, which a device's re-enrollment must come through again).
+    pub issuer: String,
 }
 
 /// A certificate we issued.
@@ -491,8 +504,10 @@ const ADMIN_CERT: &str = "admin-ca.pem";
 const SERVER_CERT: &str = "server.pem";
 const SERVER_KEY: &str = "server.key";
 
-/// The loaded PKI of a running gateway.
-pub struct Pki {
+/// Everything the PKI directory holds for a running gateway, loaded at once: a reload builds
+/// a new one and swaps it in whole, so no connection ever sees half of the old material and
+/// half of the new.
+struct Material {
     trust: Arc<verify::TrustStore>,
     verifier: Arc<ClientVerifier>,
     operational: Issuer,
@@ -503,11 +518,99 @@ pub struct Pki {
     tls: Arc<rustls::ServerConfig>,
 }
 
+/// The loaded PKI of a running gateway. [`Pki::reload`] replaces its material (server
+/// certificate, CAs, admin revocation list) while connections run: handshakes that start
+/// afterwards use the new material, established connections keep theirs.
+pub struct Pki {
+    current: RwLock<Arc<Material>>,
+}
+
 impl std::fmt::Debug for Pki {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pki")
-            .field("device_cert_days", &self.device_cert_days)
+            .field("device_cert_days", &self.material().device_cert_days)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The admin revocation list now in force.
+    pub revoked_admins: RevokedAdmins,
+}
+
+fn read_certs(
+    dir: &Path,
+    name: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let path = dir.join(name);
+    let text = files::read_text(dir, &path, what)?;
+    files::parse_certificates(&path, &text)
+}
+
+impl Material {
+    fn load(config: &PkiConfig) -> Result<Material, PkiError> {
+        let dir = config.dir.as_path();
+        let mut factory = Vec::new();
+        for name in &config.factory_cas {
+            factory.extend(read_certs(dir, name, FACTORY_CERT)?);
+        }
+        let current_operational = read_certs(dir, Path::new(OPERATIONAL_CERT), OPERATIONAL_CERT)?;
+        // Certificates of the CAs a rotation retired are still those of devices.
+        let mut operational_certs = current_operational.clone();
+        for name in &config.previous_operational_cas {
+            operational_certs.extend(read_certs(dir, name, "")?);
+        }
+        let admin = read_certs(dir, Path::new(ADMIN_CERT), ADMIN_CERT)?;
+        let operational = Issuer::load_files(
+            dir,
+            &dir.join(OPERATIONAL_CERT),
+            &dir.join(OPERATIONAL_KEY),
+            OPERATIONAL_CERT,
+            OPERATIONAL_KEY,
+        )?;
+        let server_chain = read_certs(dir, Path::new(SERVER_CERT), SERVER_CERT)?;
+        let server_key_path = dir.join(SERVER_KEY);
+        let server_key = files::parse_private_key(
+            &server_key_path,
+            &files::read_text(dir, &server_key_path, SERVER_KEY)?,
+        )?;
+        let revoked_admins = crl::load(dir, &dir.join(&config.admin_crl), &admin)?;
+
+        let trust = verify::TrustStore::new(&[
+            (Role::Bootstrap, &factory),
+            (Role::Device, &operational_certs),
+            (Role::Admin, &admin),
+        ])
+        .map_err(|message| files::bad_file(dir, message))?
+        .with_revoked_admins(revoked_admins);
+        let trust = Arc::new(trust);
+        let verifier = Arc::new(ClientVerifier::new(trust.clone()));
+
+        let mut all_cas = operational_certs.clone();
+        all_cas.extend(admin.iter().cloned());
+        all_cas.extend(factory.iter().cloned());
+        let ca_chain_pem = files::certificates_pem(&current_operational);
+        let server_ca_pem =
+            pick_server_ca(&server_chain, &all_cas).unwrap_or_else(|| ca_chain_pem.clone());
+
+        let mtls = tls::mtls_config(verifier.clone(), &server_chain, &server_key)
+            .map_err(|e| files::bad_file(&dir.join(SERVER_CERT), e))?;
+        let tls = tls::plain_config(&server_chain, &server_key)
+            .map_err(|e| files::bad_file(&dir.join(SERVER_CERT), e))?;
+
+        Ok(Material {
+            trust,
+            verifier,
+            operational,
+            device_cert_days: config.device_cert_days,
+            ca_chain_pem,
+            server_ca_pem,
+            mtls: Arc::new(mtls),
+            tls: Arc::new(tls),
+        })
     }
 }
 
@@ -580,90 +683,61 @@ impl Pki {
         Ok(report)
     }
 
-    /// Load the CAs, the operational CA key and the server certificate.
+    /// Load the CAs (factory, operational with the previous ones of a rotation, admin), the
+    /// operational CA key, the server certificate and the admin revocation list.
     pub fn load(config: &PkiConfig) -> Result<Pki, PkiError> {
-        let dir = config.dir.as_path();
-        let read_certs = |name: &Path, what: &'static str| {
-            let path = dir.join(name);
-            let text = files::read_text(dir, &path, what)?;
-            files::parse_certificates(&path, &text)
-        };
-        let mut factory = Vec::new();
-        for name in &config.factory_cas {
-            factory.extend(read_certs(name, FACTORY_CERT)?);
-        }
-        let operational_certs = read_certs(Path::new(OPERATIONAL_CERT), OPERATIONAL_CERT)?;
-        let admin = read_certs(Path::new(ADMIN_CERT), ADMIN_CERT)?;
-        let operational = Issuer::load_files(
-            dir,
-            &dir.join(OPERATIONAL_CERT),
-            &dir.join(OPERATIONAL_KEY),
-            OPERATIONAL_CERT,
-            OPERATIONAL_KEY,
-        )?;
-        let server_chain = read_certs(Path::new(SERVER_CERT), SERVER_CERT)?;
-        let server_key_path = dir.join(SERVER_KEY);
-        let server_key = files::parse_private_key(
-            &server_key_path,
-            &files::read_text(dir, &server_key_path, SERVER_KEY)?,
-        )?;
-
-        let trust = verify::TrustStore::new(&[
-            (Role::Bootstrap, &factory),
-            (Role::Device, &operational_certs),
-            (Role::Admin, &admin),
-        ])
-        .map_err(|message| files::bad_file(dir, message))?;
-        let trust = Arc::new(trust);
-        let verifier = Arc::new(ClientVerifier::new(trust.clone()));
-
-        let mut all_cas = operational_certs.clone();
-        all_cas.extend(admin.iter().cloned());
-        all_cas.extend(factory.iter().cloned());
-        let ca_chain_pem = files::certificates_pem(&operational_certs);
-        let server_ca_pem =
-            pick_server_ca(&server_chain, &all_cas).unwrap_or_else(|| ca_chain_pem.clone());
-
-        let mtls = tls::mtls_config(verifier.clone(), &server_chain, &server_key)
-            .map_err(|e| files::bad_file(&dir.join(SERVER_CERT), e))?;
-        let tls = tls::plain_config(&server_chain, &server_key)
-            .map_err(|e| files::bad_file(&dir.join(SERVER_CERT), e))?;
-
         Ok(Pki {
-            trust,
-            verifier,
-            operational,
-            device_cert_days: config.device_cert_days,
-            ca_chain_pem,
-            server_ca_pem,
-            mtls: Arc::new(mtls),
-            tls: Arc::new(tls),
+            current: RwLock::new(Arc::new(Material::load(config)?)),
         })
     }
 
+    /// Load the PKI directory again and use it from now on. On an error (a missing or bad
+    /// file) nothing changes: the gateway keeps the material it had.
+    pub fn reload(&self, config: &PkiConfig) -> Result<Reloaded, PkiError> {
+        let material = Arc::new(Material::load(config)?);
+        let revoked_admins = material.trust.revoked_admins().clone();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = material;
+        Ok(Reloaded { revoked_admins })
+    }
+
+    fn material(&self) -> Arc<Material> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// rustls configuration of the mTLS listener: client certificate required, verified against
-    /// the factory, operational and admin CAs (chain, validity, clientAuth EKU, key strength).
+    /// the factory, operational and admin CAs (chain, validity, clientAuth EKU, key strength,
+    /// the admin revocation list).
     /// A refusal surfaces from the handshake as
     /// `rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc<CertRefusal>)))`
     /// or `rustls::Error::NoCertificatesPresented`; see [`refusal_from_tls_error`].
     pub fn mtls_server_config(&self) -> Arc<rustls::ServerConfig> {
-        self.mtls.clone()
+        self.material().mtls.clone()
     }
 
     /// rustls configuration of the password listener (no client certificate).
     pub fn tls_server_config(&self) -> Arc<rustls::ServerConfig> {
-        self.tls.clone()
+        self.material().tls.clone()
     }
 
     /// The client certificate verifier the mTLS configuration uses.
     pub fn client_verifier(&self) -> Arc<ClientVerifier> {
-        self.verifier.clone()
+        self.material().verifier.clone()
     }
 
     /// Classify a chain that the handshake already verified: role from the issuing CA,
-    /// CN, SANs, serial, fingerprint.
+    /// CN, SANs, serial, fingerprint. Validity and the admin revocation list are checked
+    /// again here, since a resumed TLS session skips the handshake's verification.
     pub fn identify(&self, chain: &[CertificateDer<'_>]) -> Result<PeerCert, CertRefusal> {
-        self.trust.identify(chain)
+        self.material().trust.identify(chain)
+    }
+
+    /// Check a device's PKCS#10 CSR (PEM) as [`Pki::sign_csr`] does, without signing it: the
+    /// parse, key policy, proof of possession and subject checks every CSR a device sends meets.
+    pub fn check_csr(device_id: &str, csr_pem: &str) -> Result<(), CsrError> {
+        issue::check_csr(device_id, csr_pem).map(|_| ())
     }
 
     /// Sign a device's PKCS#10 CSR (PEM) as an operational certificate with CN = `device_id`,
@@ -671,9 +745,11 @@ impl Pki {
     /// (CN must be `device_id` or absent) and its key (EC P-256/P-384, Ed25519, RSA >= 2048).
     pub fn sign_csr(&self, device_id: &str, csr_pem: &str) -> Result<IssuedCertificate, CsrError> {
         let public_key = issue::check_csr(device_id, csr_pem)?;
-        let params = issue::device_params(device_id, self.device_cert_days)
+        let material = self.material();
+        let params = issue::device_params(device_id, material.device_cert_days)
             .map_err(|e| CsrError::Invalid(e.to_string()))?;
-        self.operational
+        material
+            .operational
             .sign(params, &public_key)
             .map_err(|e| CsrError::Invalid(e.to_string()))
     }
@@ -685,19 +761,20 @@ impl Pki {
         device_id: &str,
     ) -> Result<(IssuedCertificate, String), PkiError> {
         let key = rcgen::KeyPair::generate().map_err(|e| PkiError::Generate(e.to_string()))?;
-        let params = issue::device_params(device_id, self.device_cert_days)?;
-        let issued = self.operational.sign(params, &key)?;
+        let material = self.material();
+        let params = issue::device_params(device_id, material.device_cert_days)?;
+        let issued = material.operational.sign(params, &key)?;
         Ok((issued, key.serialize_pem()))
     }
 
     /// PEM of the operational CA (what a device needs to trust our certificates' chain).
-    pub fn ca_chain_pem(&self) -> &str {
-        &self.ca_chain_pem
+    pub fn ca_chain_pem(&self) -> String {
+        self.material().ca_chain_pem.clone()
     }
 
     /// PEM of the CA that signed the server certificate (what clients put in their trust store).
-    pub fn server_ca_pem(&self) -> &str {
-        &self.server_ca_pem
+    pub fn server_ca_pem(&self) -> String {
+        self.material().server_ca_pem.clone()
     }
 }
 

@@ -622,7 +622,7 @@ fn batch_helpers_write_credentials() {
 
 fn client_config(pki: &Pki, cred: Option<&CertAndKey>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(der_of(pki.server_ca_pem())).expect("server CA");
+    roots.add(der_of(&pki.server_ca_pem())).expect("server CA");
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -719,4 +719,100 @@ async fn mtls_handshakes_accept_and_refuse() {
         .await
         .expect("handshake");
     assert!(chain.is_empty());
+}
+
+#[test]
+fn a_revoked_admin_is_refused_after_a_reload_and_others_are_not() {
+    let f = fixture();
+    let alice = f
+        .admin
+        .issue_client("alice", &CertOptions::valid_for_days(30))
+        .unwrap();
+    let bob = f
+        .admin
+        .issue_client("bob", &CertOptions::valid_for_days(30))
+        .unwrap();
+    std::fs::write(f.dir.join("alice.pem"), &alice.certificate_pem).unwrap();
+    let crl_path = f.dir.join("admin-crl.pem");
+    let done = revoke_admin(&f.dir, &crl_path, &f.dir.join("alice.pem")).expect("revoked");
+    assert_eq!(
+        (done.name.as_deref(), done.already, done.listed),
+        (Some("alice"), false, 1)
+    );
+    // Not before the reload; then at the handshake and at identification (resumed sessions).
+    assert_eq!(
+        verify(&f.pki, &alice.certificate_pem).ok(),
+        Some(Role::Admin)
+    );
+    let reloaded = f.pki.reload(&config(&f.dir)).expect("reload");
+    assert!(reloaded.revoked_admins.contains(&alice.serial));
+    let refused = verify(&f.pki, &alice.certificate_pem).unwrap_err();
+    assert_eq!(refused.reason, CertRefusalReason::Revoked);
+    let chain = [der_of(&alice.certificate_pem)];
+    assert_eq!(
+        f.pki.identify(&chain).unwrap_err().reason,
+        CertRefusalReason::Revoked
+    );
+    assert_eq!(verify(&f.pki, &bob.certificate_pem).ok(), Some(Role::Admin));
+}
+
+#[test]
+fn a_revocation_list_not_signed_by_the_admin_ca_fails_the_reload_and_changes_nothing() {
+    let f = fixture();
+    let alice = f
+        .admin
+        .issue_client("alice", &CertOptions::valid_for_days(30))
+        .unwrap();
+    std::fs::write(f.dir.join("alice.pem"), &alice.certificate_pem).unwrap();
+    // A list made by another CA with the admin CA's subject.
+    let other = tempfile::tempdir().unwrap();
+    let impostor = Issuer::generate_ca("onboard admin CA (development)").unwrap();
+    impostor.write(other.path(), "admin-ca").unwrap();
+    let forged = other.path().join("crl.pem");
+    let forged_cert = impostor
+        .issue_client("mallory", &CertOptions::valid_for_days(1))
+        .unwrap();
+    std::fs::write(other.path().join("m.pem"), forged_cert.certificate_pem).unwrap();
+    revoke_admin(other.path(), &forged, &other.path().join("m.pem")).unwrap();
+    std::fs::copy(&forged, f.dir.join("admin-crl.pem")).unwrap();
+    let err = f.pki.reload(&config(&f.dir)).unwrap_err();
+    assert!(
+        err.to_string().contains("not signed by the admin CA"),
+        "{err}"
+    );
+    std::fs::write(f.dir.join("admin-crl.pem"), "garbage").unwrap();
+    assert!(f.pki.reload(&config(&f.dir)).is_err());
+    assert_eq!(
+        verify(&f.pki, &alice.certificate_pem).ok(),
+        Some(Role::Admin)
+    );
+}
+
+#[test]
+fn certificates_of_previous_operational_cas_keep_the_device_role() {
+    let f = fixture();
+    let device = f
+        .operational
+        .issue_client("dev-1", &CertOptions::valid_for_days(30))
+        .unwrap();
+    std::fs::rename(f.dir.join("operational-ca.pem"), f.dir.join("old-ca.pem")).unwrap();
+    std::fs::remove_file(f.dir.join("operational-ca.key")).unwrap();
+    Issuer::generate_ca("onboard operational CA 2")
+        .unwrap()
+        .write(&f.dir, "operational-ca")
+        .unwrap();
+    f.pki.reload(&config(&f.dir)).expect("reload");
+    assert_eq!(
+        verify(&f.pki, &device.certificate_pem).unwrap_err().reason,
+        CertRefusalReason::UnknownCa
+    );
+    let mut rotated = config(&f.dir);
+    rotated.previous_operational_cas = vec![PathBuf::from("old-ca.pem")];
+    f.pki.reload(&rotated).expect("reload");
+    assert_eq!(
+        verify(&f.pki, &device.certificate_pem).ok(),
+        Some(Role::Device)
+    );
+    let current = std::fs::read_to_string(f.dir.join("operational-ca.pem")).unwrap();
+    assert_eq!(f.pki.ca_chain_pem(), current);
 }

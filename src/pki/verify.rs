@@ -15,7 +15,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use super::issue::{check_key, fingerprint, serial_hex};
-use super::{CertRefusal, CertRefusalReason, PeerCert, Role};
+use super::{CertRefusal, CertRefusalReason, PeerCert, RevokedAdmins, Role};
 
 /// Intermediates followed at most when looking for the issuing CA of a chain.
 const MAX_CHAIN_DEPTH: usize = 6;
@@ -25,10 +25,14 @@ const MAX_CHAIN_DEPTH: usize = 6;
 pub(crate) struct TrustStore {
     /// Subject DN (DER, with its SEQUENCE) of every CA -> the role it grants.
     by_subject: HashMap<Vec<u8>, Role>,
+    /// Subject DN of every CA, as text (what a device's factory issuer binding records).
+    names: HashMap<Vec<u8>, String>,
     /// Trust anchors of each domain.
     anchors: HashMap<Role, Vec<TrustAnchor<'static>>>,
     hints: Vec<DistinguishedName>,
     algorithms: WebPkiSupportedAlgorithms,
+    /// Admin certificates that may no longer connect (`[pki] admin_crl`).
+    revoked_admins: RevokedAdmins,
 }
 
 impl TrustStore {
@@ -38,6 +42,7 @@ impl TrustStore {
         domains: &[(Role, &[CertificateDer<'static>])],
     ) -> Result<TrustStore, String> {
         let mut by_subject: HashMap<Vec<u8>, Role> = HashMap::new();
+        let mut names: HashMap<Vec<u8>, String> = HashMap::new();
         let mut anchors: HashMap<Role, Vec<TrustAnchor<'static>>> = HashMap::new();
         let mut hints = Vec::new();
         for (role, certs) in domains {
@@ -59,6 +64,7 @@ impl TrustStore {
                     Some(_) => {}
                     None => {
                         hints.push(DistinguishedName::from(subject.clone()));
+                        names.insert(subject.clone(), parsed.subject().to_string());
                         by_subject.insert(subject, *role);
                     }
                 }
@@ -76,22 +82,53 @@ impl TrustStore {
         }
         Ok(TrustStore {
             by_subject,
+            names,
             anchors,
             hints,
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            revoked_admins: RevokedAdmins::default(),
         })
     }
 
-    /// Role of the CA that issued `leaf`, following `intermediates` up to a known CA.
-    fn role_of(
+    /// The same store, refusing the admin certificates on `revoked`.
+    pub(crate) fn with_revoked_admins(self, revoked: RevokedAdmins) -> TrustStore {
+        TrustStore {
+            revoked_admins: revoked,
+            ..self
+        }
+    }
+
+    pub(crate) fn revoked_admins(&self) -> &RevokedAdmins {
+        &self.revoked_admins
+    }
+
+    /// Refuse an admin certificate on the revocation list.
+    fn check_revocation(
         &self,
+        role: Role,
+        leaf: &X509Certificate<'_>,
+        cn: &Option<String>,
+    ) -> Result<(), CertRefusal> {
+        let serial = serial_hex(leaf.raw_serial());
+        if role == Role::Admin && self.revoked_admins.contains(&serial) {
+            let detail = format!("admin certificate {serial} is on the admin revocation list");
+            return Err(refusal(CertRefusalReason::Revoked, cn.clone(), detail));
+        }
+        Ok(())
+    }
+
+    /// Role of the CA that issued `leaf`, following `intermediates` up to a known CA, and
+    /// that CA's subject DN.
+    fn role_of<'c>(
+        &'c self,
         leaf: &X509Certificate<'_>,
         intermediates: &[CertificateDer<'_>],
-    ) -> Option<Role> {
+    ) -> Option<(Role, &'c str)> {
         let mut issuer = leaf.issuer().as_raw();
         for _ in 0..MAX_CHAIN_DEPTH {
             if let Some(role) = self.by_subject.get(issuer) {
-                return Some(*role);
+                let name = self.names.get(issuer).map_or("", String::as_str);
+                return Some((*role, name));
             }
             // Walk up through a supplied intermediate whose subject is this issuer.
             let next = intermediates.iter().find_map(|der| {
@@ -113,7 +150,7 @@ impl TrustStore {
         &self,
         end_entity: &'a CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-    ) -> Result<(X509Certificate<'a>, Option<String>, Role), CertRefusal> {
+    ) -> Result<(X509Certificate<'a>, Option<String>, Role, String), CertRefusal> {
         let leaf = match x509_parser::parse_x509_certificate(end_entity.as_ref()) {
             Ok((_, leaf)) => leaf,
             Err(e) => {
@@ -125,11 +162,12 @@ impl TrustStore {
             }
         };
         let cn = common_name(&leaf);
-        let Some(role) = self.role_of(&leaf, intermediates) else {
+        let Some((role, issuer)) = self.role_of(&leaf, intermediates) else {
             let detail = format!("issuer {} is none of our CAs", leaf.issuer());
             return Err(refusal(CertRefusalReason::UnknownCa, cn, detail));
         };
-        Ok((leaf, cn, role))
+        let issuer = issuer.to_owned();
+        Ok((leaf, cn, role, issuer))
     }
 
     /// Full verification of a client chain; returns the role it grants.
@@ -139,7 +177,8 @@ impl TrustStore {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Role, CertRefusal> {
-        let (leaf, cn, role) = self.classify(end_entity, intermediates)?;
+        let (leaf, cn, role, _) = self.classify(end_entity, intermediates)?;
+        self.check_revocation(role, &leaf, &cn)?;
         let anchors = self.anchors.get(&role).map(Vec::as_slice).unwrap_or(&[]);
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
             refusal(
@@ -196,7 +235,8 @@ impl TrustStore {
                 "no client certificate".into(),
             ));
         };
-        let (leaf, common_name, role) = self.classify(end_entity, intermediates)?;
+        let (leaf, common_name, role, issuer) = self.classify(end_entity, intermediates)?;
+        self.check_revocation(role, &leaf, &common_name)?;
         // A resumed TLS session carries the certificate of the handshake that created it,
         // unverified since: its validity must hold now, on every connection.
         let validity = leaf.validity();
@@ -225,6 +265,7 @@ impl TrustStore {
             serial: serial_hex(leaf.raw_serial()),
             fingerprint: fingerprint(end_entity.as_ref()),
             not_after: leaf.validity().not_after.to_datetime(),
+            issuer,
         })
     }
 }

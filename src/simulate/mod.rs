@@ -527,7 +527,7 @@ impl Simulator {
             ..PkiConfig::default()
         };
         let pki = Pki::load(&pki_config).map_err(pki_error)?;
-        let roots = tls::roots_from_pem(pki.server_ca_pem())
+        let roots = tls::roots_from_pem(&pki.server_ca_pem())
             .map_err(|e| SimError::Tls(format!("server CA in {}: {e}", opts.pki_dir.display())))?;
         let tls = DeviceTls::remembering(Arc::new(roots)).map_err(SimError::Tls)?;
         let target = |port| {

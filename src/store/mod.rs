@@ -4,8 +4,11 @@
 //!
 //! Every operation that the enrollment or lifecycle protocols rely on for atomicity is a single
 //! trait method, implemented as one transaction by each backend. Conditional transitions report
-//! whether they happened (`Ok(false)` when the row was not in the expected state), so two
-//! gateway instances sharing one database never both win.
+//! whether they happened (`Ok(false)` when the row was not in the expected state, or
+//! [`StoreError::WrongState`] naming the state found), so two gateway instances sharing one
+//! database never both win. Writes that end sessions or change retained topics also append to
+//! the change feed ([`Store::changes_since`]) in their transaction, which every gateway polls
+//! (see [`crate::feed`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,6 +17,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+pub mod backup;
 pub mod mssql;
 pub mod sqlite;
 
@@ -130,6 +134,13 @@ pub struct Device {
     #[serde(with = "time::serde::rfc3339::option")]
     pub activation_deadline: Option<OffsetDateTime>,
     pub last_error: Option<String>,
+    /// Subject DN of the factory CA that issued the certificate of the first enrollment:
+    /// re-enrollment needs the same issuer until an admin rolls the enrollment back.
+    #[serde(default)]
+    pub factory_issuer: Option<String>,
+    /// Serial of that factory certificate.
+    #[serde(default)]
+    pub factory_serial: Option<String>,
 }
 
 /// A device pre-registered by bulk import (state `pending`).
@@ -265,6 +276,19 @@ pub struct EnrollmentCommit {
     pub response: serde_json::Value,
     /// Audit events written in the same transaction.
     pub events: Vec<AuditEvent>,
+    /// The factory certificate the request came with. Recorded as the device's binding when
+    /// it has none; the commit fails with [`StoreError::Conflict`] when the device is bound to
+    /// another issuer.
+    pub factory: Option<FactoryIdentity>,
+}
+
+/// Who made a device: the factory CA that issued its bootstrap certificate, and its serial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FactoryIdentity {
+    /// Subject DN of the factory CA (the trust store decides roles by subject).
+    pub issuer: String,
+    /// Serial of the factory certificate, lower-case hex.
+    pub serial: String,
 }
 
 /// What [`Store::commit_enrollment`] created.
@@ -315,6 +339,212 @@ pub struct ImportOutcome {
     pub skipped: u64,
 }
 
+/// Where a guarded [`Store::transition`] takes a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransitionTarget {
+    pub state: DeviceState,
+    /// Written to `last_error` (cleared when `None`).
+    pub last_error: Option<String>,
+    /// Forget the factory issuer binding (an admin rollback of the enrollment).
+    pub release_factory: bool,
+    /// Revoke every unrevoked credential of the device, with this reason, in the same
+    /// transaction (so no enrollment can slip in between the state and the revocation).
+    pub revoke_credentials: Option<String>,
+}
+
+impl TransitionTarget {
+    pub fn new(state: DeviceState) -> TransitionTarget {
+        TransitionTarget {
+            state,
+            last_error: None,
+            release_factory: false,
+            revoke_credentials: None,
+        }
+    }
+
+    pub fn with_error(mut self, last_error: &str) -> TransitionTarget {
+        self.last_error = Some(last_error.to_owned());
+        self
+    }
+
+    pub fn releasing_factory(mut self) -> TransitionTarget {
+        self.release_factory = true;
+        self
+    }
+
+    pub fn revoking_credentials(mut self, reason: &str) -> TransitionTarget {
+        self.revoke_credentials = Some(reason.to_owned());
+        self
+    }
+}
+
+impl From<DeviceState> for TransitionTarget {
+    fn from(state: DeviceState) -> Self {
+        TransitionTarget::new(state)
+    }
+}
+
+/// A state change that happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub from: DeviceState,
+    pub to: DeviceState,
+    /// Serials revoked with it ([`TransitionTarget::revoke_credentials`]), sorted.
+    pub revoked: Vec<String>,
+}
+
+/// The states a guarded transition may start from, padded to a fixed number of slots so
+/// each backend runs one fixed statement (`state IN (?, ?, ?, ?, ?)`); an unused slot holds
+/// a value no state has.
+pub fn transition_slots(from: &[DeviceState]) -> [&'static str; 5] {
+    let mut slots = [""; 5];
+    for (slot, state) in slots.iter_mut().zip(DeviceState::ALL) {
+        if from.contains(&state) {
+            *slot = state.as_str();
+        }
+    }
+    slots
+}
+
+/// Progress of a firmware job; it only moves forward (queued -> downloading -> installing ->
+/// succeeded | failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Queued,
+    Downloading,
+    Installing,
+    Succeeded,
+    Failed,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Queued,
+        JobStatus::Downloading,
+        JobStatus::Installing,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Downloading => "downloading",
+            JobStatus::Installing => "installing",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+        }
+    }
+
+    /// Order of progress; both terminal statuses share the last rank.
+    pub fn rank(self) -> u8 {
+        match self {
+            JobStatus::Queued => 0,
+            JobStatus::Downloading => 1,
+            JobStatus::Installing => 2,
+            JobStatus::Succeeded | JobStatus::Failed => 3,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 3
+    }
+
+    /// The statuses a job may move to `self` from, padded like [`transition_slots`].
+    pub fn predecessors(self) -> [&'static str; 4] {
+        let mut slots = [""; 4];
+        let earlier = JobStatus::ALL
+            .into_iter()
+            .filter(|s| s.rank() < self.rank());
+        for (slot, status) in slots.iter_mut().zip(earlier) {
+            *slot = status.as_str();
+        }
+        slots
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown firmware job status {s:?}")))
+    }
+}
+
+/// What part of a device a change-feed row says was changed; a gateway applying it reads
+/// that part again from the store (so applying a change twice does no harm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// One or more of its credentials were revoked.
+    Credentials,
+    /// Its state changed to one that ends its sessions or clears its retained topics.
+    State,
+    /// A configuration version was published.
+    Config,
+    /// A firmware job was created or moved on.
+    Firmware,
+}
+
+impl ChangeKind {
+    pub const ALL: [ChangeKind; 4] = [
+        ChangeKind::Credentials,
+        ChangeKind::State,
+        ChangeKind::Config,
+        ChangeKind::Firmware,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Credentials => "credentials",
+            ChangeKind::State => "state",
+            ChangeKind::Config => "config",
+            ChangeKind::Firmware => "firmware",
+        }
+    }
+}
+
+impl fmt::Display for ChangeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ChangeKind {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ChangeKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown change kind {s:?}")))
+    }
+}
+
+/// One row of the change feed, written in the transaction of the change it announces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Increases with every change (a backend may leave gaps).
+    pub id: i64,
+    pub device_id: String,
+    pub kind: ChangeKind,
+    /// The [`Store::origin`] of the store instance that wrote it.
+    pub origin: String,
+    pub at: OffsetDateTime,
+}
+
+/// A fresh random origin id for a store instance.
+pub fn new_origin() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or timed out; the operation may succeed later.
@@ -325,6 +555,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// A guarded transition found the device in a state it may not leave that way.
+    #[error("device {device} is {actual}")]
+    WrongState { device: String, actual: DeviceState },
     /// Data in the store that the gateway cannot interpret.
     #[error("corrupt data in store: {0}")]
     Corrupt(String),
@@ -368,15 +601,16 @@ pub trait Store: Send + Sync + 'static {
     async fn count_by_state(&self) -> StoreResult<Vec<(DeviceState, i64)>>;
     /// Pre-register devices as `pending`, all in one transaction; idempotent on re-run.
     async fn import_devices(&self, devices: &[NewDevice]) -> StoreResult<ImportOutcome>;
-    /// Set state unconditionally (admin revoke/reinstate/rollback), with audit, atomically.
-    /// Returns the previous state, or NotFound.
-    async fn set_device_state(
+    /// Move the device to `to` if its state is one of `from`, with `to`'s side effects and
+    /// the event, in one conditional UPDATE (and its transaction). `WrongState` names the
+    /// state found when it is none of `from`; `NotFound` when there is no such device.
+    async fn transition(
         &self,
         id: &str,
-        state: DeviceState,
-        last_error: Option<&str>,
+        from: &[DeviceState],
+        to: TransitionTarget,
         event: AuditEvent,
-    ) -> StoreResult<DeviceState>;
+    ) -> StoreResult<Transition>;
     async fn set_firmware_version(&self, id: &str, version: &str) -> StoreResult<()>;
 
     // ---- enrollment -------------------------------------------------------------------------
@@ -464,11 +698,13 @@ pub trait Store: Send + Sync + 'static {
     async fn firmware_job(&self, job_id: &str, device_id: &str)
         -> StoreResult<Option<FirmwareJob>>;
     async fn latest_firmware_job(&self, device_id: &str) -> StoreResult<Option<FirmwareJob>>;
-    async fn update_firmware_job(
+    /// Move a job forward to `status` (never back, never out of a terminal status), guarded
+    /// in the UPDATE; `Ok(false)` when the job is unknown or already as far.
+    async fn advance_firmware_job(
         &self,
         job_id: &str,
         device_id: &str,
-        status: &str,
+        status: JobStatus,
         error: Option<&str>,
         event: AuditEvent,
     ) -> StoreResult<bool>;
@@ -477,6 +713,9 @@ pub trait Store: Send + Sync + 'static {
     async fn append_event(&self, event: AuditEvent) -> StoreResult<()>;
     /// Oldest first; `limit` newest rows at most.
     async fn events(&self, device_id: &str, limit: u32) -> StoreResult<Vec<AuditEvent>>;
+    /// Delete at most `batch` audit rows older than `cutoff` (oldest first); returns how many
+    /// went. Retention calls it until fewer than `batch` go, so no statement holds long locks.
+    async fn delete_events_before(&self, cutoff: OffsetDateTime, batch: u32) -> StoreResult<u64>;
 
     // ---- admin idempotency ------------------------------------------------------------------
     /// Remember an admin command's reply; `Ok(false)` if `request_id` was already recorded.
@@ -486,6 +725,17 @@ pub trait Store: Send + Sync + 'static {
         reply: &serde_json::Value,
     ) -> StoreResult<bool>;
     async fn admin_reply(&self, request_id: &str) -> StoreResult<Option<serde_json::Value>>;
+
+    // ---- change feed ------------------------------------------------------------------------
+    /// Stamped on every change this store instance writes, so a gateway can skip what it
+    /// applied itself.
+    fn origin(&self) -> &str;
+    /// Id of the newest change (0 when there is none): where a starting gateway begins.
+    async fn latest_change(&self) -> StoreResult<i64>;
+    /// At most `limit` changes with an id above `cursor`, oldest first.
+    async fn changes_since(&self, cursor: i64, limit: u32) -> StoreResult<Vec<Change>>;
+    /// Delete changes older than `before`; returns how many.
+    async fn prune_changes(&self, before: OffsetDateTime) -> StoreResult<u64>;
 }
 
 /// Open the backend named by `url` and run its migrations.

@@ -135,6 +135,28 @@ CREATE INDEX events_by_device ON onboarding_events (device_id, id);
 CREATE INDEX firmware_jobs_by_device ON firmware_jobs (device_id, created_at);
 "#,
     },
+    Migration {
+        version: 3,
+        name: "factory issuer binding",
+        sql: r#"
+ALTER TABLE devices ADD COLUMN factory_issuer TEXT;
+ALTER TABLE devices ADD COLUMN factory_serial TEXT;
+"#,
+    },
+    Migration {
+        version: 4,
+        name: "change feed",
+        sql: r#"
+CREATE TABLE changes (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT    NOT NULL,
+    kind      TEXT    NOT NULL CHECK (kind IN ('credentials', 'state', 'config', 'firmware')),
+    origin    TEXT    NOT NULL,
+    at        INTEGER NOT NULL
+);
+CREATE INDEX changes_by_time ON changes (at);
+"#,
+    },
 ];
 
 /// The SQLite inventory. Cheap to share behind an `Arc`; safe to call from many tasks at once.
@@ -152,6 +174,8 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
+    /// Stamped on the change-feed rows this instance writes.
+    origin: String,
     writer: Mutex<Connection>,
     readers: ReaderPool,
 }
@@ -337,6 +361,7 @@ fn open_blocking(path: PathBuf, busy: Duration, readers: usize) -> StoreResult<I
     }
     Ok(Inner {
         path,
+        origin: new_origin(),
         writer: Mutex::new(writer),
         readers: ReaderPool {
             idle: Mutex::new(idle),
@@ -534,7 +559,7 @@ fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> StoreRes
 
 const DEVICE_COLUMNS: &str = "id, device_type, model, location, firmware_version, state, \
      credential_kind, current_serial, generation, created_at, updated_at, enrolled_at, \
-     activated_at, activation_deadline, last_error";
+     activated_at, activation_deadline, last_error, factory_issuer, factory_serial";
 
 fn device_from_row(row: &Row<'_>) -> StoreResult<Device> {
     Ok(Device {
@@ -555,6 +580,8 @@ fn device_from_row(row: &Row<'_>) -> StoreResult<Device> {
         activated_at: get_ts_opt(row, 12)?,
         activation_deadline: get_ts_opt(row, 13)?,
         last_error: get(row, 14)?,
+        factory_issuer: get(row, 15)?,
+        factory_serial: get(row, 16)?,
     })
 }
 
@@ -642,6 +669,59 @@ fn insert_event(conn: &Connection, event: &AuditEvent) -> StoreResult<()> {
     Ok(())
 }
 
+/// Announce a change of `device_id` on the change feed (in the caller's transaction).
+fn insert_change(
+    conn: &Connection,
+    origin: &str,
+    device_id: &str,
+    kind: ChangeKind,
+) -> StoreResult<()> {
+    exec(
+        conn,
+        "INSERT INTO changes (device_id, kind, origin, at) VALUES (?1, ?2, ?3, ?4)",
+        params![device_id, kind.as_str(), origin, now()?],
+    )?;
+    Ok(())
+}
+
+/// Revoke every unrevoked credential of a device (announced on the change feed); returns
+/// their serials, sorted.
+fn revoke_all_tx(
+    tx: &Transaction<'_>,
+    origin: &str,
+    device_id: &str,
+    reason: &str,
+) -> StoreResult<Vec<String>> {
+    let serials = query_all(
+        tx,
+        "SELECT serial FROM credentials WHERE device_id = ?1 AND revoked_at IS NULL
+          ORDER BY serial",
+        [device_id],
+        |row| get::<String>(row, 0),
+    )?;
+    if serials.is_empty() {
+        return Ok(serials);
+    }
+    exec(
+        tx,
+        "UPDATE credentials SET revoked_at = ?3, revoke_reason = ?2
+          WHERE device_id = ?1 AND revoked_at IS NULL",
+        params![device_id, reason, now()?],
+    )?;
+    insert_change(tx, origin, device_id, ChangeKind::Credentials)?;
+    Ok(serials)
+}
+
+/// The device a credential belongs to, if any.
+fn credential_owner(conn: &Connection, serial: &str) -> StoreResult<Option<String>> {
+    query_opt(
+        conn,
+        "SELECT device_id FROM credentials WHERE serial = ?1",
+        [serial],
+        |row| get::<String>(row, 0),
+    )
+}
+
 fn insert_credential_row(conn: &Connection, c: &Credential) -> StoreResult<()> {
     exec(
         conn,
@@ -714,6 +794,7 @@ fn insert_config_row(
 /// The enrollment transaction; see [`Store::commit_enrollment`].
 fn commit_enrollment_tx(
     tx: &Transaction<'_>,
+    origin: &str,
     commit: &EnrollmentCommit,
 ) -> StoreResult<EnrollmentCommitted> {
     let now = now()?;
@@ -739,6 +820,10 @@ fn commit_enrollment_tx(
     }
 
     let deadline = micros(commit.activation_deadline)?;
+    let (issuer, factory_serial) = match &commit.factory {
+        Some(f) => (Some(f.issuer.as_str()), Some(f.serial.as_str())),
+        None => (None, None),
+    };
     let generation = match commit.expected_generation {
         None => {
             let inserted = exec(
@@ -746,8 +831,9 @@ fn commit_enrollment_tx(
                 "INSERT INTO devices (id, device_type, model, location, firmware_version, state,
                                       credential_kind, current_serial, generation, created_at,
                                       updated_at, enrolled_at, activated_at, activation_deadline,
-                                      last_error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'enrolling', ?6, ?7, 1, ?8, ?8, ?8, NULL, ?9, NULL)
+                                      last_error, factory_issuer, factory_serial)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'enrolling', ?6, ?7, 1, ?8, ?8, ?8, NULL, ?9, NULL,
+                         ?10, ?11)
                  ON CONFLICT (id) DO NOTHING",
                 params![
                     commit.device_id,
@@ -758,7 +844,9 @@ fn commit_enrollment_tx(
                     credential.kind.as_str(),
                     credential.serial,
                     now,
-                    deadline
+                    deadline,
+                    issuer,
+                    factory_serial
                 ],
             )?;
             if inserted != 1 {
@@ -771,7 +859,8 @@ fn commit_enrollment_tx(
         }
         Some(expected) => {
             // Metadata the request does not carry keeps its stored (e.g. imported) value. A
-            // revoked device is never moved back to enrolling, even by a racing enrollment.
+            // revoked device is never moved back to enrolling, even by a racing enrollment,
+            // and a device bound to one factory issuer is never enrolled through another.
             let updated = exec(
                 tx,
                 "UPDATE devices
@@ -780,8 +869,12 @@ fn commit_enrollment_tx(
                         firmware_version = COALESCE(?6, firmware_version),
                         credential_kind = ?7, current_serial = ?8, updated_at = ?9,
                         enrolled_at = ?9, activated_at = NULL, activation_deadline = ?10,
-                        last_error = NULL
-                  WHERE id = ?1 AND generation = ?2 AND state <> 'revoked'",
+                        last_error = NULL,
+                        factory_serial = CASE WHEN factory_issuer IS NULL THEN ?12
+                                              ELSE factory_serial END,
+                        factory_issuer = COALESCE(factory_issuer, ?11)
+                  WHERE id = ?1 AND generation = ?2 AND state <> 'revoked'
+                    AND (factory_issuer IS NULL OR factory_issuer = ?11)",
                 params![
                     commit.device_id,
                     expected,
@@ -792,12 +885,15 @@ fn commit_enrollment_tx(
                     credential.kind.as_str(),
                     credential.serial,
                     now,
-                    deadline
+                    deadline,
+                    issuer,
+                    factory_serial
                 ],
             )?;
             if updated != 1 {
                 return Err(StoreError::Conflict(format!(
-                    "device {} is no longer at generation {expected} (or is revoked)",
+                    "device {} is no longer at generation {expected} (or is revoked, or bound \
+                     to another factory issuer)",
                     commit.device_id
                 )));
             }
@@ -820,13 +916,17 @@ fn commit_enrollment_tx(
         ],
     )?;
     if let Some(reason) = &commit.revoke_others {
-        exec(
+        let revoked = exec(
             tx,
             "UPDATE credentials SET revoked_at = ?3, revoke_reason = ?4
               WHERE device_id = ?1 AND serial <> ?2 AND revoked_at IS NULL",
             params![commit.device_id, credential.serial, now, reason],
         )?;
+        if revoked > 0 {
+            insert_change(tx, origin, &commit.device_id, ChangeKind::Credentials)?;
+        }
     }
+    insert_change(tx, origin, &commit.device_id, ChangeKind::Config)?;
     for event in &commit.events {
         insert_event(tx, event)?;
     }
@@ -1001,16 +1101,19 @@ impl Store for SqliteStore {
         self.write(move |tx| import_tx(tx, &devices)).await
     }
 
-    async fn set_device_state(
+    async fn transition(
         &self,
         id: &str,
-        state: DeviceState,
-        last_error: Option<&str>,
+        from: &[DeviceState],
+        to: TransitionTarget,
         event: AuditEvent,
-    ) -> StoreResult<DeviceState> {
+    ) -> StoreResult<Transition> {
         let id = id.to_owned();
-        let last_error = last_error.map(str::to_owned);
+        let from = transition_slots(from);
+        let origin = self.inner.origin.clone();
         self.write(move |tx| {
+            // Under BEGIN IMMEDIATE nobody writes between this read and the guarded UPDATE;
+            // the read only names the state left (or found, on a conflict).
             let previous = query_opt(
                 tx,
                 "SELECT state FROM devices WHERE id = ?1",
@@ -1018,13 +1121,43 @@ impl Store for SqliteStore {
                 |row| get::<String>(row, 0)?.parse::<DeviceState>(),
             )?
             .ok_or_else(|| StoreError::NotFound(format!("device {id}")))?;
-            exec(
+            let moved = exec(
                 tx,
-                "UPDATE devices SET state = ?2, last_error = ?3, updated_at = ?4 WHERE id = ?1",
-                params![id, state.as_str(), last_error, now()?],
+                "UPDATE devices
+                    SET state = ?2, last_error = ?3, updated_at = ?4,
+                        factory_issuer = CASE WHEN ?5 THEN NULL ELSE factory_issuer END,
+                        factory_serial = CASE WHEN ?5 THEN NULL ELSE factory_serial END
+                  WHERE id = ?1 AND state IN (?6, ?7, ?8, ?9, ?10)",
+                params![
+                    id,
+                    to.state.as_str(),
+                    to.last_error,
+                    now()?,
+                    to.release_factory,
+                    from[0],
+                    from[1],
+                    from[2],
+                    from[3],
+                    from[4]
+                ],
             )?;
+            if moved == 0 {
+                return Err(StoreError::WrongState {
+                    device: id,
+                    actual: previous,
+                });
+            }
+            insert_change(tx, &origin, &id, ChangeKind::State)?;
+            let revoked = match &to.revoke_credentials {
+                Some(reason) => revoke_all_tx(tx, &origin, &id, reason)?,
+                None => Vec::new(),
+            };
             insert_event(tx, &event)?;
-            Ok(previous)
+            Ok(Transition {
+                from: previous,
+                to: to.state,
+                revoked,
+            })
         })
         .await
     }
@@ -1079,7 +1212,8 @@ impl Store for SqliteStore {
         &self,
         commit: EnrollmentCommit,
     ) -> StoreResult<EnrollmentCommitted> {
-        self.write(move |tx| commit_enrollment_tx(tx, &commit))
+        let origin = self.inner.origin.clone();
+        self.write(move |tx| commit_enrollment_tx(tx, &origin, &commit))
             .await
     }
 
@@ -1112,6 +1246,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let device_id = device_id.to_owned();
         let serial = serial.to_owned();
+        let origin = self.inner.origin.clone();
         self.write(move |tx| {
             let now = now()?;
             let moved = exec(
@@ -1129,12 +1264,15 @@ impl Store for SqliteStore {
                   WHERE serial = ?1",
                 params![serial, now],
             )?;
-            exec(
+            let superseded = exec(
                 tx,
                 "UPDATE credentials SET revoked_at = ?3, revoke_reason = 'superseded'
                   WHERE device_id = ?1 AND serial <> ?2 AND revoked_at IS NULL",
                 params![device_id, serial, now],
             )?;
+            if superseded > 0 {
+                insert_change(tx, &origin, &device_id, ChangeKind::Credentials)?;
+            }
             insert_event(tx, &event)?;
             Ok(true)
         })
@@ -1149,6 +1287,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let device_id = device_id.to_owned();
         let serial = serial.to_owned();
+        let origin = self.inner.origin.clone();
         self.write(move |tx| {
             let now = now()?;
             let moved = exec(
@@ -1167,6 +1306,8 @@ impl Store for SqliteStore {
                   WHERE serial = ?1 AND revoked_at IS NULL",
                 params![serial, now],
             )?;
+            insert_change(tx, &origin, &device_id, ChangeKind::Credentials)?;
+            insert_change(tx, &origin, &device_id, ChangeKind::State)?;
             insert_event(tx, &event)?;
             Ok(true)
         })
@@ -1235,6 +1376,7 @@ impl Store for SqliteStore {
     async fn revoke_credential(&self, serial: &str, reason: &str) -> StoreResult<bool> {
         let serial = serial.to_owned();
         let reason = reason.to_owned();
+        let origin = self.inner.origin.clone();
         self.write(move |tx| {
             let n = exec(
                 tx,
@@ -1242,6 +1384,11 @@ impl Store for SqliteStore {
                   WHERE serial = ?1 AND revoked_at IS NULL",
                 params![serial, reason, now()?],
             )?;
+            if n > 0 {
+                if let Some(device_id) = credential_owner(tx, &serial)? {
+                    insert_change(tx, &origin, &device_id, ChangeKind::Credentials)?;
+                }
+            }
             Ok(n > 0)
         })
         .await
@@ -1254,6 +1401,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<String>> {
         let device_id = device_id.to_owned();
         let reason = reason.to_owned();
+        let origin = self.inner.origin.clone();
         self.write(move |tx| {
             let serials = query_all(
                 tx,
@@ -1268,6 +1416,9 @@ impl Store for SqliteStore {
                   WHERE device_id = ?1 AND revoked_at IS NULL",
                 params![device_id, reason, now()?],
             )?;
+            if !serials.is_empty() {
+                insert_change(tx, &origin, &device_id, ChangeKind::Credentials)?;
+            }
             Ok(serials)
         })
         .await
@@ -1370,9 +1521,11 @@ impl Store for SqliteStore {
     ) -> StoreResult<DeviceConfig> {
         let device_id = device_id.to_owned();
         let created_by = created_by.to_owned();
+        let origin = self.inner.origin.clone();
         self.write(move |tx| {
             require_device(tx, &device_id)?;
             let config = insert_config_row(tx, &device_id, &body, &created_by, now()?)?;
+            insert_change(tx, &origin, &device_id, ChangeKind::Config)?;
             insert_event(tx, &event)?;
             Ok(config)
         })
@@ -1417,6 +1570,7 @@ impl Store for SqliteStore {
 
     async fn insert_firmware_job(&self, job: &FirmwareJob, event: AuditEvent) -> StoreResult<()> {
         let job = job.clone();
+        let origin = self.inner.origin.clone();
         self.write(move |tx| {
             require_device(tx, &job.device_id)?;
             exec(
@@ -1438,6 +1592,7 @@ impl Store for SqliteStore {
                     micros(job.updated_at)?
                 ],
             )?;
+            insert_change(tx, &origin, &job.device_id, ChangeKind::Firmware)?;
             insert_event(tx, &event)
         })
         .await
@@ -1480,28 +1635,40 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_firmware_job(
+    async fn advance_firmware_job(
         &self,
         job_id: &str,
         device_id: &str,
-        status: &str,
+        status: JobStatus,
         error: Option<&str>,
         event: AuditEvent,
     ) -> StoreResult<bool> {
         let job_id = job_id.to_owned();
         let device_id = device_id.to_owned();
-        let status = status.to_owned();
         let error = error.map(str::to_owned);
+        let origin = self.inner.origin.clone();
         self.write(move |tx| {
+            let from = status.predecessors();
             let n = exec(
                 tx,
                 "UPDATE firmware_jobs SET status = ?3, error = ?4, updated_at = ?5
-                  WHERE job_id = ?1 AND device_id = ?2",
-                params![job_id, device_id, status, error, now()?],
+                  WHERE job_id = ?1 AND device_id = ?2 AND status IN (?6, ?7, ?8, ?9)",
+                params![
+                    job_id,
+                    device_id,
+                    status.as_str(),
+                    error,
+                    now()?,
+                    from[0],
+                    from[1],
+                    from[2],
+                    from[3]
+                ],
             )?;
             if n == 0 {
                 return Ok(false);
             }
+            insert_change(tx, &origin, &device_id, ChangeKind::Firmware)?;
             insert_event(tx, &event)?;
             Ok(true)
         })
@@ -1528,6 +1695,19 @@ impl Store for SqliteStore {
             )?;
             events.reverse();
             Ok(events)
+        })
+        .await
+    }
+
+    async fn delete_events_before(&self, cutoff: OffsetDateTime, batch: u32) -> StoreResult<u64> {
+        self.write(move |tx| {
+            let deleted = exec(
+                tx,
+                "DELETE FROM onboarding_events WHERE id IN (
+                   SELECT id FROM onboarding_events WHERE at < ?1 ORDER BY id LIMIT ?2)",
+                params![micros(cutoff)?, i64::from(batch)],
+            )?;
+            Ok(deleted as u64)
         })
         .await
     }
@@ -1562,6 +1742,52 @@ impl Store for SqliteStore {
                 [&request_id],
                 |row| get_json(row, 0),
             )
+        })
+        .await
+    }
+
+    // ---- change feed --------------------------------------------------------------------------
+
+    fn origin(&self) -> &str {
+        &self.inner.origin
+    }
+
+    async fn latest_change(&self) -> StoreResult<i64> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT COALESCE(MAX(id), 0) FROM changes")
+                .map_err(map_err)?
+                .query_row([], |row| row.get(0))
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn changes_since(&self, cursor: i64, limit: u32) -> StoreResult<Vec<Change>> {
+        self.read(move |conn| {
+            query_all(
+                conn,
+                "SELECT id, device_id, kind, origin, at FROM changes WHERE id > ?1
+                  ORDER BY id LIMIT ?2",
+                params![cursor, i64::from(limit)],
+                |row| {
+                    Ok(Change {
+                        id: get(row, 0)?,
+                        device_id: get(row, 1)?,
+                        kind: get::<String>(row, 2)?.parse()?,
+                        origin: get(row, 3)?,
+                        at: get_ts(row, 4)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> StoreResult<u64> {
+        let before = micros(before)?;
+        self.write(move |tx| {
+            let n = exec(tx, "DELETE FROM changes WHERE at < ?1", [before])?;
+            Ok(n as u64)
         })
         .await
     }

@@ -3,4 +3,6 @@
 
 pub mod harness;
 pub mod mssql;
+pub mod process;
+pub mod served;
 pub mod store_fixtures;

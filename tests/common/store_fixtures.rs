@@ -129,6 +129,7 @@ impl EnrollmentBuilder {
                     event(device_id, "enroll_requested").with_request(request_id),
                     event(device_id, "credential_issued").with_request(request_id),
                 ],
+                factory: None,
             },
         }
     }
@@ -172,6 +173,14 @@ impl EnrollmentBuilder {
         self.commit.model = model.map(str::to_owned);
         self.commit.location = location.map(str::to_owned);
         self.commit.firmware_version = firmware_version.map(str::to_owned);
+        self
+    }
+
+    pub fn factory(mut self, issuer: &str, serial: &str) -> Self {
+        self.commit.factory = Some(onboard::store::FactoryIdentity {
+            issuer: issuer.to_owned(),
+            serial: serial.to_owned(),
+        });
         self
     }
 

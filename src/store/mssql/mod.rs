@@ -69,6 +69,8 @@ pub struct MssqlStore {
     last_connect_error: LastError,
     /// Requests every connection of the pool has sent (exposed for tests and benchmarks).
     round_trips: RoundTrips,
+    /// Stamped on the change-feed rows this instance writes.
+    origin: String,
 }
 
 impl std::fmt::Debug for MssqlStore {
@@ -136,6 +138,7 @@ impl MssqlStore {
             checkout_timeout: connect_timeout,
             last_connect_error,
             round_trips,
+            origin: new_origin(),
         };
         store.migrate(query_timeout).await?;
         tracing::info!(target = %store.target, pool_size = config.pool_size, "SQL Server store ready");
@@ -286,6 +289,14 @@ impl MssqlStore {
         .await
     }
 
+    /// This instance's stamp and the current time, for the change-feed rows of a batch.
+    fn feed(&self) -> writes::Feed<'_> {
+        writes::Feed {
+            origin: &self.origin,
+            now: OffsetDateTime::now_utc(),
+        }
+    }
+
     /// Requests sent to the server by this store's connections so far (see [`RoundTrips`]).
     pub fn round_trips(&self) -> RoundTrips {
         self.round_trips.clone()
@@ -325,6 +336,24 @@ async fn insert_event(c: &mut Connection, sql: &Statements, event: &AuditEvent) 
             &event.actor.as_str(),
             &request_id,
         ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Announce a change of `device_id` on the change feed (in the caller's transaction).
+async fn insert_change(
+    c: &mut Connection,
+    sql: &Statements,
+    origin: &str,
+    device_id: &str,
+    kind: ChangeKind,
+) -> StoreResult<()> {
+    let now = to_db_time(OffsetDateTime::now_utc());
+    c.execute(
+        "insert change",
+        &sql.insert_change,
+        &[&device_id, &kind.as_str(), &origin, &now],
     )
     .await?;
     Ok(())
@@ -514,18 +543,38 @@ impl Store for MssqlStore {
         .await
     }
 
-    async fn set_device_state(
+    async fn transition(
         &self,
         id: &str,
-        state: DeviceState,
-        last_error: Option<&str>,
+        from: &[DeviceState],
+        to: TransitionTarget,
         event: AuditEvent,
-    ) -> StoreResult<DeviceState> {
-        let now = OffsetDateTime::now_utc();
-        let request = writes::set_device_state(&self.sql, id, state, last_error, &event, now);
-        let sets = self.one_trip("set_device_state", &request).await?;
-        let row = outcome(&sets).ok_or_else(|| StoreError::NotFound(format!("device {id}")))?;
-        rows::text(row, "previous")?.parse::<DeviceState>()
+    ) -> StoreResult<Transition> {
+        let feed = self.feed();
+        let request = writes::transition(&self.sql, id, from, &to, &event, feed);
+        let sets = self.one_trip("transition", &request).await?;
+        let row = outcome(&sets)
+            .ok_or_else(|| StoreError::Database("a transition returned no outcome".into()))?;
+        let state = rows::opt_text(row, "previous")?;
+        let Some(state) = state else {
+            return Err(StoreError::NotFound(format!("device {id}")));
+        };
+        let state = state.parse::<DeviceState>()?;
+        if rows::int32(row, "changed")? == 0 {
+            return Err(StoreError::WrongState {
+                device: id.to_owned(),
+                actual: state,
+            });
+        }
+        let mut revoked: Vec<String> = rows::opt_text(row, "revoked")?
+            .map(|list| list.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
+        revoked.sort();
+        Ok(Transition {
+            from: state,
+            to: to.state,
+            revoked,
+        })
     }
 
     async fn set_firmware_version(&self, id: &str, version: &str) -> StoreResult<()> {
@@ -574,8 +623,7 @@ impl Store for MssqlStore {
         &self,
         commit: EnrollmentCommit,
     ) -> StoreResult<EnrollmentCommitted> {
-        let now = OffsetDateTime::now_utc();
-        let request = writes::commit_enrollment(&self.sql, &commit, now);
+        let request = writes::commit_enrollment(&self.sql, &commit, self.feed());
         let sets = self
             .one_trip("commit_enrollment", &request)
             .await
@@ -630,8 +678,7 @@ impl Store for MssqlStore {
         serial: &str,
         event: AuditEvent,
     ) -> StoreResult<bool> {
-        let now = OffsetDateTime::now_utc();
-        let request = writes::activate(&self.sql, device_id, serial, &event, now);
+        let request = writes::activate(&self.sql, device_id, serial, &event, self.feed());
         changed(&self.one_trip("activate", &request).await?)
     }
 
@@ -641,8 +688,7 @@ impl Store for MssqlStore {
         serial: &str,
         event: AuditEvent,
     ) -> StoreResult<bool> {
-        let now = OffsetDateTime::now_utc();
-        let request = writes::expire_enrollment(&self.sql, device_id, serial, &event, now);
+        let request = writes::expire_enrollment(&self.sql, device_id, serial, &event, self.feed());
         changed(&self.one_trip("expire_enrollment", &request).await?)
     }
 
@@ -712,15 +758,28 @@ impl Store for MssqlStore {
     async fn revoke_credential(&self, serial: &str, reason: &str) -> StoreResult<bool> {
         self.run("revoke_credential", |mut c| {
             Box::pin(async move {
-                let now = to_db_time(OffsetDateTime::now_utc());
-                let n = c
-                    .execute(
-                        "revoke_credential",
-                        &self.sql.revoke_credential,
-                        &[&serial, &now, &reason],
-                    )
-                    .await?;
-                Ok(n > 0)
+                c.begin().await?;
+                let result = async {
+                    let now = to_db_time(OffsetDateTime::now_utc());
+                    let n = c
+                        .execute(
+                            "revoke_credential",
+                            &self.sql.revoke_credential,
+                            &[&serial, &now, &reason],
+                        )
+                        .await?;
+                    if n > 0 {
+                        c.execute(
+                            "revoke_credential: change",
+                            &self.sql.insert_credential_change,
+                            &[&serial, &self.origin.as_str(), &now],
+                        )
+                        .await?;
+                    }
+                    Ok(n > 0)
+                }
+                .await;
+                c.finish(result).await
             })
         })
         .await
@@ -733,17 +792,26 @@ impl Store for MssqlStore {
     ) -> StoreResult<Vec<String>> {
         self.run("revoke_device_credentials", |mut c| {
             Box::pin(async move {
-                let now = to_db_time(OffsetDateTime::now_utc());
-                let rows = c
-                    .query(
-                        "revoke_device_credentials",
-                        &self.sql.revoke_device_credentials,
-                        &[&device_id, &now, &reason],
-                    )
-                    .await?;
-                let mut serials = collect(rows, |row| rows::text(row, "serial"))?;
-                serials.sort();
-                Ok(serials)
+                c.begin().await?;
+                let result = async {
+                    let now = to_db_time(OffsetDateTime::now_utc());
+                    let rows = c
+                        .query(
+                            "revoke_device_credentials",
+                            &self.sql.revoke_device_credentials,
+                            &[&device_id, &now, &reason],
+                        )
+                        .await?;
+                    let mut serials = collect(rows, |row| rows::text(row, "serial"))?;
+                    serials.sort();
+                    if !serials.is_empty() {
+                        let kind = ChangeKind::Credentials;
+                        insert_change(&mut c, &self.sql, &self.origin, device_id, kind).await?;
+                    }
+                    Ok(serials)
+                }
+                .await;
+                c.finish(result).await
             })
         })
         .await
@@ -827,9 +895,8 @@ impl Store for MssqlStore {
         // simply takes the following version.
         let mut collisions = 0;
         loop {
-            let now = OffsetDateTime::now_utc();
             let request =
-                writes::insert_config(&self.sql, device_id, &body, created_by, &event, now);
+                writes::insert_config(&self.sql, device_id, &body, created_by, &event, self.feed());
             match self.one_trip("insert_config", &request).await {
                 Ok(sets) => {
                     let row = outcome(&sets).ok_or_else(|| {
@@ -861,7 +928,7 @@ impl Store for MssqlStore {
     // ---- firmware -----------------------------------------------------------------------
 
     async fn insert_firmware_job(&self, job: &FirmwareJob, event: AuditEvent) -> StoreResult<()> {
-        let request = writes::insert_firmware_job(&self.sql, job, &event);
+        let request = writes::insert_firmware_job(&self.sql, job, &event, &self.origin);
         self.one_trip("insert_firmware_job", &request)
             .await
             .map_err(|e| match e {
@@ -903,18 +970,23 @@ impl Store for MssqlStore {
         .await
     }
 
-    async fn update_firmware_job(
+    async fn advance_firmware_job(
         &self,
         job_id: &str,
         device_id: &str,
-        status: &str,
+        status: JobStatus,
         error: Option<&str>,
         event: AuditEvent,
     ) -> StoreResult<bool> {
-        let now = OffsetDateTime::now_utc();
-        let request =
-            writes::update_firmware_job(&self.sql, (job_id, device_id), status, error, &event, now);
-        changed(&self.one_trip("update_firmware_job", &request).await?)
+        let request = writes::advance_firmware_job(
+            &self.sql,
+            (job_id, device_id),
+            status,
+            error,
+            &event,
+            self.feed(),
+        );
+        changed(&self.one_trip("advance_firmware_job", &request).await?)
     }
 
     // ---- audit --------------------------------------------------------------------------
@@ -934,6 +1006,19 @@ impl Store for MssqlStore {
             Box::pin(async move {
                 let rows = c.query("events", sql, &[&device_id, &limit]).await?;
                 collect(rows, rows::event)
+            })
+        })
+        .await
+    }
+
+    async fn delete_events_before(&self, cutoff: OffsetDateTime, batch: u32) -> StoreResult<u64> {
+        let sql = &self.sql.delete_events_before;
+        let cutoff = to_db_time(cutoff);
+        let batch = i64::from(batch);
+        self.run("delete_events_before", |mut c| {
+            Box::pin(async move {
+                c.execute("delete_events_before", sql, &[&cutoff, &batch])
+                    .await
             })
         })
         .await
@@ -975,6 +1060,48 @@ impl Store for MssqlStore {
                     .await?
                     .map(|row| rows::json(&row, "reply"))
                     .transpose()
+            })
+        })
+        .await
+    }
+
+    // ---- change feed --------------------------------------------------------------------
+
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    async fn latest_change(&self) -> StoreResult<i64> {
+        self.run("latest_change", |mut c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt("latest_change", &self.sql.latest_change, &[])
+                    .await?;
+                row.map_or(Ok(0), |row| int64(&row, "id"))
+            })
+        })
+        .await
+    }
+
+    async fn changes_since(&self, cursor: i64, limit: u32) -> StoreResult<Vec<Change>> {
+        let limit = i64::from(limit);
+        self.run("changes_since", |mut c| {
+            Box::pin(async move {
+                let rows = c
+                    .query("changes_since", &self.sql.changes_since, &[&cursor, &limit])
+                    .await?;
+                collect(rows, rows::change)
+            })
+        })
+        .await
+    }
+
+    async fn prune_changes(&self, before: OffsetDateTime) -> StoreResult<u64> {
+        let before = to_db_time(before);
+        self.run("prune_changes", |mut c| {
+            Box::pin(async move {
+                c.execute("prune_changes", &self.sql.prune_changes, &[&before])
+                    .await
             })
         })
         .await

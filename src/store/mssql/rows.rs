@@ -7,8 +7,8 @@ use tiberius::Row;
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
 use crate::store::{
-    AuditEvent, Credential, CredentialKind, Device, DeviceConfig, DeviceState, FirmwareJob,
-    NewDevice, StoreError, StoreResult, StoredEnrollment,
+    AuditEvent, Change, ChangeKind, Credential, CredentialKind, Device, DeviceConfig, DeviceState,
+    FirmwareJob, NewDevice, StoreError, StoreResult, StoredEnrollment,
 };
 
 /// An instant as written to a `datetime2` column: UTC, whole microseconds.
@@ -128,7 +128,8 @@ pub fn json(row: &Row, column: &str) -> StoreResult<serde_json::Value> {
 /// Columns of `onboard_devices` in the order [`device`] reads them, qualified by `d`.
 pub const DEVICE_COLUMNS: &str = "d.id, d.device_type, d.model, d.location, d.firmware_version, \
     d.state, d.credential_kind, d.current_serial, d.generation, d.created_at, d.updated_at, \
-    d.enrolled_at, d.activated_at, d.activation_deadline, d.last_error";
+    d.enrolled_at, d.activated_at, d.activation_deadline, d.last_error, d.factory_issuer, \
+    d.factory_serial";
 
 /// A devices row.
 pub fn device(row: &Row) -> StoreResult<Device> {
@@ -150,6 +151,19 @@ pub fn device(row: &Row) -> StoreResult<Device> {
         activated_at: opt_time(row, "activated_at")?,
         activation_deadline: opt_time(row, "activation_deadline")?,
         last_error: opt_text(row, "last_error")?,
+        factory_issuer: opt_text(row, "factory_issuer")?,
+        factory_serial: opt_text(row, "factory_serial")?,
+    })
+}
+
+/// A change-feed row.
+pub fn change(row: &Row) -> StoreResult<Change> {
+    Ok(Change {
+        id: int64(row, "id")?,
+        device_id: text(row, "device_id")?,
+        kind: text(row, "kind")?.parse::<ChangeKind>()?,
+        origin: text(row, "origin")?,
+        at: time(row, "occurred_at")?,
     })
 }
 
@@ -396,6 +410,8 @@ mod tests {
             .column("activated_at", ColumnType::Datetime2, null_dt())
             .column("activation_deadline", ColumnType::Datetime2, dt(at))
             .column("last_error", ColumnType::NVarchar, null_s())
+            .column("factory_issuer", ColumnType::NVarchar, s("CN=maker"))
+            .column("factory_serial", ColumnType::NVarchar, null_s())
             .build()
     }
 
@@ -408,6 +424,8 @@ mod tests {
         assert_eq!(d.location, None);
         assert_eq!(d.generation, 3);
         assert_eq!(d.activated_at, None);
+        assert_eq!(d.factory_issuer.as_deref(), Some("CN=maker"));
+        assert_eq!(d.factory_serial, None);
         assert_eq!(
             d.activation_deadline,
             Some(datetime!(2026-01-02 03:04:05.000006 UTC))

@@ -128,8 +128,8 @@ pub const CREATE_MIGRATIONS_TABLE: &str = "IF NOT EXISTS (SELECT 1 FROM sys.tabl
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "initial schema",
-    // Identifier columns are created with migration 2's binary collation (databases created
-    // before it was added get it from migration 2).
+    // Identifier columns are created with migration 4's binary collation (databases created
+    // before it was added get it from migration 4).
     skip_when: None,
     statements: &[
         // The inventory: one row per device.
@@ -219,11 +219,36 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             reply nvarchar(max) NOT NULL, \
             created_at datetime2 NOT NULL)",
     ],
-}, Migration {
+},
+Migration {
     version: 2,
+    name: "factory issuer binding",
+    skip_when: None,
+    statements: &[
+        "ALTER TABLE {schema}.onboard_devices ADD factory_issuer nvarchar(400) NULL, \
+            factory_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
+    ],
+},
+Migration {
+    version: 3,
+    name: "change feed",
+    skip_when: None,
+    statements: &[
+        // What other gateways sharing the database must apply: written in the transaction of
+        // the change, polled by id.
+        "CREATE TABLE {schema}.onboard_changes (\
+            id bigint IDENTITY(1,1) NOT NULL CONSTRAINT pk_onboard_changes PRIMARY KEY, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
+            kind nvarchar(16) NOT NULL CONSTRAINT ck_onboard_changes_kind \
+                CHECK (kind IN (N'credentials', N'state', N'config', N'firmware')), \
+            origin nvarchar(64) NOT NULL, \
+            occurred_at datetime2 NOT NULL)",
+        "CREATE INDEX ix_onboard_changes_at ON {schema}.onboard_changes (occurred_at)",
+    ],
+},
+Migration {
+    version: 4,
     name: "identifiers compare exactly (binary collation)",
-    // Nothing to do where migration 1 already created the columns with it (and Babelfish
-    // cannot change a column's collation).
     skip_when: Some(
         "SELECT 1 AS done FROM sys.columns AS c \
          WHERE c.object_id = OBJECT_ID(N'{schema}.onboard_devices') AND c.name = N'id' \
@@ -264,10 +289,12 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         "ALTER TABLE {schema}.onboard_admin_replies DROP CONSTRAINT pk_onboard_admin_replies",
         "ALTER TABLE {schema}.onboard_admin_replies ALTER COLUMN request_id nvarchar(256) COLLATE Latin1_General_100_BIN2 NOT NULL",
         "ALTER TABLE {schema}.onboard_admin_replies ADD CONSTRAINT pk_onboard_admin_replies PRIMARY KEY (request_id)",
+        "ALTER TABLE {schema}.onboard_devices ALTER COLUMN factory_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
+        "ALTER TABLE {schema}.onboard_changes ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
     ],
 }];
 
-/// The collation of every identifier column (migration 2): code-point comparison.
+/// The collation of every identifier column (migration 4): code-point comparison.
 #[cfg(test)]
 pub const ID_COLLATION: &str = "Latin1_General_100_BIN2";
 
@@ -288,6 +315,7 @@ pub const DROP_STATEMENTS: &[&str] = &[
     "DROP TABLE IF EXISTS {schema}.onboard_device_configs",
     "DROP TABLE IF EXISTS {schema}.onboard_credentials",
     "DROP TABLE IF EXISTS {schema}.onboard_devices",
+    "DROP TABLE IF EXISTS {schema}.onboard_changes",
     "DROP TABLE IF EXISTS {schema}.onboard_schema_migrations",
 ];
 
@@ -507,14 +535,22 @@ mod tests {
     #[test]
     fn pending_skips_applied_versions() {
         assert_eq!(pending(MIGRATIONS, &[]).len(), MIGRATIONS.len());
-        assert_eq!(pending(MIGRATIONS, &[1]).len(), 1);
-        assert!(pending(MIGRATIONS, &[1, 2]).is_empty());
+        let all: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+        assert!(pending(MIGRATIONS, &all).is_empty());
+        let after_first: Vec<i32> = pending(MIGRATIONS, &[1])
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        assert_eq!(after_first, all[1..]);
         assert_eq!(pending(MIGRATIONS, &[99]).len(), MIGRATIONS.len());
     }
 
+    /// The conversion of older databases to the binary collation.
+    const COLLATION_MIGRATION: &Migration = &MIGRATIONS[3];
+
     #[test]
     fn every_identifier_column_gets_the_binary_collation() {
-        let collated: Vec<&str> = MIGRATIONS[1]
+        let collated: Vec<&str> = COLLATION_MIGRATION
             .statements
             .iter()
             .filter(|s| s.contains("ALTER COLUMN"))
@@ -534,6 +570,8 @@ mod tests {
             ("onboard_firmware_jobs", "job_id"),
             ("onboard_firmware_jobs", "device_id"),
             ("onboard_admin_replies", "request_id"),
+            ("onboard_devices", "factory_serial"),
+            ("onboard_changes", "device_id"),
         ] {
             let needle = format!("{{schema}}.{table} ALTER COLUMN {column} ");
             let statement = collated
@@ -546,10 +584,10 @@ mod tests {
             );
         }
         // Every key or index dropped is created again.
-        for statement in MIGRATIONS[1].statements {
+        for statement in COLLATION_MIGRATION.statements {
             if let Some(rest) = statement.split("DROP CONSTRAINT ").nth(1) {
                 assert!(
-                    MIGRATIONS[1]
+                    COLLATION_MIGRATION
                         .statements
                         .iter()
                         .any(|s| s.contains(&format!("ADD CONSTRAINT {rest} PRIMARY KEY"))),
@@ -559,7 +597,7 @@ mod tests {
             if let Some(rest) = statement.strip_prefix("DROP INDEX ") {
                 let name = rest.split(' ').next().unwrap_or_default();
                 assert!(
-                    MIGRATIONS[1]
+                    COLLATION_MIGRATION
                         .statements
                         .iter()
                         .any(|s| s.starts_with(&format!("CREATE INDEX {name} "))),

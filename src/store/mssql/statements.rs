@@ -45,11 +45,22 @@ statements! {
     require_device,
     /// Read a device's state into the batch variable `@previous_state`.
     read_device_state,
+    /// Copy a device's unrevoked serials into the batch table variable `@revoked`.
+    unrevoked_serials_into,
     /// Insert configuration version latest + 1 (1 for the first) and return the new row.
     insert_next_config,
-    set_device_state,
+    /// Guarded state change: from one of five state slots.
+    transition_device,
     insert_firmware_job,
-    update_firmware_job,
+    /// Forward-only job progress: from one of four status slots.
+    advance_firmware_job,
+    /// A change-feed row.
+    insert_change,
+    /// A change-feed row for the device owning a credential.
+    insert_credential_change,
+    latest_change,
+    changes_since,
+    prune_changes,
     insert_enrollment,
     activate_device,
     activate_credential,
@@ -76,6 +87,8 @@ statements! {
     firmware_job,
     latest_firmware_job,
     events,
+    /// At most @P2 audit rows older than @P1, oldest first (one batch of retention).
+    delete_events_before,
     insert_admin_reply,
     admin_reply,
 }
@@ -110,17 +123,23 @@ impl Statements {
                  d.firmware_version = COALESCE(CAST(@P5 AS nvarchar(128)), d.firmware_version), \
                  d.state = N'enrolling', d.credential_kind = @P6, d.current_serial = @P7, \
                  d.generation = d.generation + 1, d.updated_at = @P8, d.enrolled_at = @P8, \
-                 d.activated_at = NULL, d.activation_deadline = @P9, d.last_error = NULL \
+                 d.activated_at = NULL, d.activation_deadline = @P9, d.last_error = NULL, \
+                 d.factory_serial = CASE WHEN d.factory_issuer IS NULL \
+                 THEN CAST(@P12 AS nvarchar(128)) ELSE d.factory_serial END, \
+                 d.factory_issuer = COALESCE(d.factory_issuer, CAST(@P11 AS nvarchar(400))) \
                  FROM {s}.onboard_devices AS d \
-                 WHERE d.id = @P1 AND d.generation = @P10 AND d.state <> N'revoked'"
+                 WHERE d.id = @P1 AND d.generation = @P10 AND d.state <> N'revoked' \
+                 AND (d.factory_issuer IS NULL \
+                 OR d.factory_issuer = CAST(@P11 AS nvarchar(400)))"
             ),
             insert_device_for_enrollment: format!(
                 "INSERT INTO {s}.onboard_devices \
                  (id, device_type, model, location, firmware_version, state, credential_kind, \
                  current_serial, generation, created_at, updated_at, enrolled_at, \
-                 activation_deadline) \
+                 activation_deadline, factory_issuer, factory_serial) \
                  VALUES (@P1, @P2, CAST(@P3 AS nvarchar(400)), CAST(@P4 AS nvarchar(400)), \
-                 CAST(@P5 AS nvarchar(128)), N'enrolling', @P6, @P7, 1, @P8, @P8, @P8, @P9)"
+                 CAST(@P5 AS nvarchar(128)), N'enrolling', @P6, @P7, 1, @P8, @P8, @P8, @P9, \
+                 CAST(@P10 AS nvarchar(400)), CAST(@P11 AS nvarchar(128)))"
             ),
             insert_credential: format!(
                 "INSERT INTO {s}.onboard_credentials \
@@ -148,6 +167,11 @@ impl Statements {
             read_device_state: format!(
                 "SELECT @previous_state = d.state FROM {s}.onboard_devices AS d WHERE d.id = @P1"
             ),
+            unrevoked_serials_into: format!(
+                "INSERT INTO @revoked (serial) SELECT c.serial \
+                 FROM {s}.onboard_credentials AS c \
+                 WHERE c.device_id = @P1 AND c.revoked_at IS NULL"
+            ),
             insert_next_config: format!(
                 "INSERT INTO {s}.onboard_device_configs \
                  (device_id, version, body, created_by, created_at) \
@@ -157,10 +181,13 @@ impl Statements {
                  SELECT @P1, COALESCE(MAX(c.version), 0) + 1, @P2, @P3, @P4 \
                  FROM {s}.onboard_device_configs AS c WHERE c.device_id = @P1"
             ),
-            set_device_state: format!(
+            transition_device: format!(
                 "UPDATE d SET d.state = @P2, \
-                 d.last_error = CAST(@P3 AS nvarchar(max)), d.updated_at = @P4 \
-                 FROM {s}.onboard_devices AS d WHERE d.id = @P1"
+                 d.last_error = CAST(@P3 AS nvarchar(max)), d.updated_at = @P4, \
+                 d.factory_issuer = CASE WHEN @P5 = 1 THEN NULL ELSE d.factory_issuer END, \
+                 d.factory_serial = CASE WHEN @P5 = 1 THEN NULL ELSE d.factory_serial END \
+                 FROM {s}.onboard_devices AS d \
+                 WHERE d.id = @P1 AND d.state IN (@P6, @P7, @P8, @P9, @P10)"
             ),
             insert_firmware_job: format!(
                 "INSERT INTO {s}.onboard_firmware_jobs \
@@ -169,11 +196,29 @@ impl Statements {
                  VALUES (@P1, @P2, @P3, @P4, @P5, @P6, @P7, CAST(@P8 AS nvarchar(max)), @P9, \
                  @P10, @P11)"
             ),
-            update_firmware_job: format!(
+            advance_firmware_job: format!(
                 "UPDATE f SET f.status = @P3, \
                  f.error = CAST(@P4 AS nvarchar(max)), f.updated_at = @P5 \
-                 FROM {s}.onboard_firmware_jobs AS f WHERE f.job_id = @P1 AND f.device_id = @P2"
+                 FROM {s}.onboard_firmware_jobs AS f WHERE f.job_id = @P1 AND f.device_id = @P2 \
+                 AND f.status IN (@P6, @P7, @P8, @P9)"
             ),
+            insert_change: format!(
+                "INSERT INTO {s}.onboard_changes (device_id, kind, origin, occurred_at) \
+                 VALUES (@P1, @P2, @P3, @P4)"
+            ),
+            insert_credential_change: format!(
+                "INSERT INTO {s}.onboard_changes (device_id, kind, origin, occurred_at) \
+                 SELECT c.device_id, N'credentials', @P2, @P3 \
+                 FROM {s}.onboard_credentials AS c WHERE c.serial = @P1"
+            ),
+            latest_change: format!(
+                "SELECT COALESCE(MAX(ch.id), 0) AS id FROM {s}.onboard_changes AS ch"
+            ),
+            changes_since: format!(
+                "SELECT TOP (@P2) ch.id, ch.device_id, ch.kind, ch.origin, ch.occurred_at \
+                 FROM {s}.onboard_changes AS ch WHERE ch.id > @P1 ORDER BY ch.id"
+            ),
+            prune_changes: format!("DELETE FROM {s}.onboard_changes WHERE occurred_at < @P1"),
             insert_enrollment: format!(
                 "INSERT INTO {s}.onboard_enrollments \
                  (device_id, request_id, serial, response, created_at) \
@@ -294,6 +339,11 @@ impl Statements {
                    FROM {s}.onboard_events AS x WHERE x.device_id = @P1 \
                    ORDER BY x.occurred_at DESC, x.id DESC) AS e \
                  ORDER BY e.occurred_at, e.id"
+            ),
+            delete_events_before: format!(
+                "DELETE x FROM {s}.onboard_events AS x WHERE x.id IN (\
+                   SELECT TOP (@P2) o.id FROM {s}.onboard_events AS o \
+                   WHERE o.occurred_at < @P1 ORDER BY o.id)"
             ),
             insert_admin_reply: format!(
                 "INSERT INTO {s}.onboard_admin_replies (request_id, reply, created_at) \
@@ -482,15 +532,17 @@ mod tests {
             (&sql.insert_event, 6),
             (&sql.insert_pending_device, 6),
             (&sql.update_pending_device, 6),
-            (&sql.update_device_for_enrollment, 10),
-            (&sql.insert_device_for_enrollment, 9),
+            (&sql.update_device_for_enrollment, 12),
+            (&sql.insert_device_for_enrollment, 11),
             (&sql.insert_credential, 10),
             (&sql.revoke_device_credentials, 3),
             (&sql.insert_next_config, 4),
             (&sql.insert_enrollment, 5),
-            (&sql.set_device_state, 4),
+            (&sql.transition_device, 10),
             (&sql.insert_firmware_job, 11),
-            (&sql.update_firmware_job, 5),
+            (&sql.advance_firmware_job, 9),
+            (&sql.insert_change, 4),
+            (&sql.insert_credential_change, 3),
         ] {
             for n in 1..=count {
                 assert!(text.contains(&format!("@P{n}")), "@P{n} missing in {text}");

@@ -9,12 +9,13 @@
 
 use time::OffsetDateTime;
 
-use super::batch::{
-    arg, opt_arg, opt_time_arg, time_arg, Arg, Batch, Request, CONFLICT, NOT_FOUND,
-};
+use super::batch::{arg, opt_arg, opt_time_arg, time_arg, Arg, Batch, Request, CONFLICT};
 use super::rows::{json_text, to_db_time};
 use super::statements::Statements;
-use crate::store::{AuditEvent, Credential, DeviceState, EnrollmentCommit, FirmwareJob};
+use crate::store::{
+    transition_slots, AuditEvent, ChangeKind, Credential, DeviceState, EnrollmentCommit,
+    FirmwareJob, JobStatus, TransitionTarget,
+};
 
 /// Outcome `SELECT` of the conditional writes: how many rows the guarding update changed.
 pub const CHANGED: &str = "SELECT @changed AS changed";
@@ -60,6 +61,33 @@ fn credential<'a>(b: &mut Batch<'a>, sql: &Statements, cred: &'a Credential) {
     );
 }
 
+/// Who writes the change-feed rows of a batch, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct Feed<'a> {
+    /// The store instance's origin, stamped on every row.
+    pub origin: &'a str,
+    pub now: OffsetDateTime,
+}
+
+/// A change-feed row announcing a change of `device_id` (in the batch's transaction).
+fn change<'a>(
+    b: &mut Batch<'a>,
+    sql: &Statements,
+    feed: Feed<'a>,
+    device_id: &'a str,
+    kind: ChangeKind,
+) {
+    b.statement(
+        &sql.insert_change,
+        [
+            arg(device_id),
+            arg(kind.as_str()),
+            arg(feed.origin),
+            time_arg(to_db_time(feed.now)),
+        ],
+    );
+}
+
 /// Raise [`NOT_FOUND`] unless device `id` exists (parameter-bound).
 fn device_exists<'a>(b: &mut Batch<'a>, sql: &Statements, id: &'a str) {
     b.statement(&sql.require_device, [arg(id)]);
@@ -89,8 +117,9 @@ fn next_config<'a>(
 pub fn commit_enrollment<'a>(
     sql: &Statements,
     commit: &'a EnrollmentCommit,
-    now: OffsetDateTime,
+    feed: Feed<'a>,
 ) -> Request<'a> {
+    let now = feed.now;
     let mut b = Batch::new();
     let now_db = to_db_time(now);
     let device_id = commit.device_id.as_str();
@@ -100,6 +129,8 @@ pub fn commit_enrollment<'a>(
         opt_arg(commit.firmware_version.as_deref()),
     ];
     let [model, location, firmware] = metadata;
+    let issuer = || opt_arg(commit.factory.as_ref().map(|f| f.issuer.as_str()));
+    let factory_serial = || opt_arg(commit.factory.as_ref().map(|f| f.serial.as_str()));
     let common = |model, location, firmware| {
         [
             arg(device_id),
@@ -118,18 +149,22 @@ pub fn commit_enrollment<'a>(
         Some(expected) => {
             let args: Vec<Arg<'a>> = common(model, location, firmware)
                 .into_iter()
-                .chain([arg(expected)])
+                .chain([arg(expected), issuer(), factory_serial()])
                 .collect();
             b.statement(&sql.update_device_for_enrollment, args);
             b.expect_rows(
                 CONFLICT,
-                "the device changed since its generation was read (or is revoked)",
+                "the device changed since its generation was read \
+                 (or is revoked, or bound to another factory issuer)",
             );
         }
-        None => b.statement(
-            &sql.insert_device_for_enrollment,
-            common(model, location, firmware),
-        ),
+        None => {
+            let args: Vec<Arg<'a>> = common(model, location, firmware)
+                .into_iter()
+                .chain([issuer(), factory_serial()])
+                .collect();
+            b.statement(&sql.insert_device_for_enrollment, args);
+        }
     }
     // 2. The idempotency record: a second commit of the same request fails here.
     b.statement(
@@ -148,9 +183,12 @@ pub fn commit_enrollment<'a>(
             &sql.revoke_device_credentials_quietly,
             [arg(device_id), time_arg(now_db), arg(reason.as_str())],
         );
+        b.raw("IF @@ROWCOUNT > 0");
+        change(&mut b, sql, feed, device_id, ChangeKind::Credentials);
     }
     // 4. The credential, the audit events, the configuration version (its row comes back).
     credential(&mut b, sql, &commit.credential);
+    change(&mut b, sql, feed, device_id, ChangeKind::Config);
     for e in &commit.events {
         audit(&mut b, sql, e);
     }
@@ -171,9 +209,9 @@ pub fn activate<'a>(
     device_id: &'a str,
     serial: &'a str,
     e: &'a AuditEvent,
-    now: OffsetDateTime,
+    feed: Feed<'a>,
 ) -> Request<'a> {
-    let now = to_db_time(now);
+    let now = to_db_time(feed.now);
     let mut b = Batch::new();
     b.raw("DECLARE @changed int;");
     b.statement(
@@ -186,6 +224,8 @@ pub fn activate<'a>(
         &sql.activate_supersede,
         [arg(device_id), arg(serial), time_arg(now)],
     );
+    b.raw("IF @@ROWCOUNT > 0");
+    change(&mut b, sql, feed, device_id, ChangeKind::Credentials);
     audit(&mut b, sql, e);
     b.raw("END");
     b.into_request(CHANGED)
@@ -197,9 +237,9 @@ pub fn expire_enrollment<'a>(
     device_id: &'a str,
     serial: &'a str,
     e: &'a AuditEvent,
-    now: OffsetDateTime,
+    feed: Feed<'a>,
 ) -> Request<'a> {
-    let now = to_db_time(now);
+    let now = to_db_time(feed.now);
     let mut b = Batch::new();
     b.raw("DECLARE @changed int;");
     b.statement(
@@ -208,6 +248,8 @@ pub fn expire_enrollment<'a>(
     );
     b.raw("SET @changed = @@ROWCOUNT;\nIF @changed > 0\nBEGIN");
     b.statement(&sql.expire_credential, [arg(serial), time_arg(now)]);
+    change(&mut b, sql, feed, device_id, ChangeKind::Credentials);
+    change(&mut b, sql, feed, device_id, ChangeKind::State);
     audit(&mut b, sql, e);
     b.raw("END");
     b.into_request(CHANGED)
@@ -240,29 +282,34 @@ pub fn ack_config<'a>(
     b.into_request(CHANGED)
 }
 
-/// A firmware job's progress report; reads back [`CHANGED`].
-pub fn update_firmware_job<'a>(
+/// A firmware job's progress report, forward only (from one of `status`'s predecessors);
+/// reads back [`CHANGED`].
+pub fn advance_firmware_job<'a>(
     sql: &Statements,
     job: (&'a str, &'a str),
-    status: &'a str,
+    status: JobStatus,
     error: Option<&'a str>,
     e: &'a AuditEvent,
-    now: OffsetDateTime,
+    feed: Feed<'a>,
 ) -> Request<'a> {
     let (job_id, device_id) = job;
     let mut b = Batch::new();
     b.raw("DECLARE @changed int;");
+    let from = status.predecessors().map(arg);
     b.statement(
-        &sql.update_firmware_job,
+        &sql.advance_firmware_job,
         [
             arg(job_id),
             arg(device_id),
-            arg(status),
+            arg(status.as_str()),
             opt_arg(error),
-            time_arg(to_db_time(now)),
-        ],
+            time_arg(to_db_time(feed.now)),
+        ]
+        .into_iter()
+        .chain(from),
     );
     b.raw("SET @changed = @@ROWCOUNT;\nIF @changed > 0\nBEGIN");
+    change(&mut b, sql, feed, device_id, ChangeKind::Firmware);
     audit(&mut b, sql, e);
     b.raw("END");
     b.into_request(CHANGED)
@@ -290,10 +337,12 @@ pub fn insert_config<'a>(
     body: &serde_json::Value,
     created_by: &'a str,
     e: &'a AuditEvent,
-    now: OffsetDateTime,
+    feed: Feed<'a>,
 ) -> Request<'a> {
+    let now = feed.now;
     let mut b = Batch::new();
     device_exists(&mut b, sql, device_id);
+    change(&mut b, sql, feed, device_id, ChangeKind::Config);
     audit(&mut b, sql, e);
     next_config(&mut b, sql, device_id, json_text(body), created_by, now);
     b.into_request(NO_OUTCOME)
@@ -304,7 +353,12 @@ pub fn insert_firmware_job<'a>(
     sql: &Statements,
     job: &'a FirmwareJob,
     e: &'a AuditEvent,
+    origin: &'a str,
 ) -> Request<'a> {
+    let feed = Feed {
+        origin,
+        now: job.updated_at,
+    };
     let mut b = Batch::new();
     device_exists(&mut b, sql, &job.device_id);
     b.statement(
@@ -323,43 +377,68 @@ pub fn insert_firmware_job<'a>(
             time_arg(to_db_time(job.updated_at)),
         ],
     );
+    change(&mut b, sql, feed, &job.device_id, ChangeKind::Firmware);
     audit(&mut b, sql, e);
     b.into_request(NO_OUTCOME)
 }
 
-/// An admin's state change with its event; [`NOT_FOUND`] for an unknown device. Reads back
-/// the previous state as `previous`.
-pub fn set_device_state<'a>(
+/// Outcome `SELECT` of [`transition`]: whether the guarded update changed the row, the state
+/// read before it (the actual state when it did not: NULL for an unknown device), and the
+/// serials it revoked (comma-separated, NULL for none).
+pub const TRANSITIONED: &str = "SELECT @changed AS changed, @previous_state AS previous, \
+     (SELECT STRING_AGG(CAST(r.serial AS nvarchar(max)), N',') FROM @revoked AS r) AS revoked";
+
+/// A guarded state change (from one of `from`) with its change-feed rows, its event and, when
+/// asked, the revocation of the device's credentials; reads back [`TRANSITIONED`].
+pub fn transition<'a>(
     sql: &Statements,
     id: &'a str,
-    state: DeviceState,
-    last_error: Option<&'a str>,
+    from: &[DeviceState],
+    to: &'a TransitionTarget,
     e: &'a AuditEvent,
-    now: OffsetDateTime,
+    feed: Feed<'a>,
 ) -> Request<'a> {
+    let now = to_db_time(feed.now);
     let mut b = Batch::new();
-    b.raw("DECLARE @previous_state nvarchar(16);");
+    b.raw("DECLARE @changed int, @previous_state nvarchar(16);");
+    b.raw("DECLARE @revoked TABLE (serial nvarchar(128) NOT NULL);");
     b.statement(&sql.read_device_state, [arg(id)]);
-    b.raw(&format!(
-        "IF @previous_state IS NULL THROW {NOT_FOUND}, N'no such device', 1;"
-    ));
+    let from = transition_slots(from).map(arg);
     b.statement(
-        &sql.set_device_state,
+        &sql.transition_device,
         [
             arg(id),
-            arg(state.as_str()),
-            opt_arg(last_error),
-            time_arg(to_db_time(now)),
-        ],
+            arg(to.state.as_str()),
+            opt_arg(to.last_error.as_deref()),
+            time_arg(now),
+            arg(to.release_factory),
+        ]
+        .into_iter()
+        .chain(from),
     );
+    b.raw("SET @changed = @@ROWCOUNT;\nIF @changed = 0\nBEGIN");
+    // Refused: the state as it is now, for the caller's error.
+    b.statement(&sql.read_device_state, [arg(id)]);
+    b.raw("END\nELSE\nBEGIN");
+    change(&mut b, sql, feed, id, ChangeKind::State);
+    if let Some(reason) = to.revoke_credentials.as_deref() {
+        b.statement(&sql.unrevoked_serials_into, [arg(id)]);
+        b.statement(
+            &sql.revoke_device_credentials_quietly,
+            [arg(id), time_arg(now), arg(reason)],
+        );
+        b.raw("IF @@ROWCOUNT > 0");
+        change(&mut b, sql, feed, id, ChangeKind::Credentials);
+    }
     audit(&mut b, sql, e);
-    b.into_request("SELECT @previous_state AS previous")
+    b.raw("END");
+    b.into_request(TRANSITIONED)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{CredentialKind, EnrollmentCommit};
+    use crate::store::{CredentialKind, EnrollmentCommit, FactoryIdentity};
     use serde_json::json;
 
     fn sql() -> Statements {
@@ -400,6 +479,10 @@ mod tests {
             revoke_others: revoke.then(|| "reenrolled".to_owned()),
             response: json!({"status": "accepted"}),
             events: vec![event("enroll_requested"), event("credential_issued")],
+            factory: generation.is_some().then(|| FactoryIdentity {
+                issuer: "CN=factory".into(),
+                serial: "0a".into(),
+            }),
         }
     }
 
@@ -450,6 +533,10 @@ mod tests {
     fn each_write_a_device_waits_for_is_one_request() {
         let sql = sql();
         let now = OffsetDateTime::now_utc();
+        let feed = Feed {
+            origin: "gw-1",
+            now,
+        };
         let e = event("x");
         let c = cred();
         let first = commit(None, false);
@@ -468,19 +555,21 @@ mod tests {
             updated_at: now,
         };
         let body = json!({"b": 2});
+        let mut target = TransitionTarget::new(DeviceState::Revoked);
+        target.revoke_credentials = Some("admin".into());
         let requests = [
             (
                 "commit_enrollment (new)",
-                commit_enrollment(&sql, &first, now),
+                commit_enrollment(&sql, &first, feed),
             ),
             (
                 "commit_enrollment (again)",
-                commit_enrollment(&sql, &again, now),
+                commit_enrollment(&sql, &again, feed),
             ),
-            ("activate", activate(&sql, "d-1", "s-1", &e, now)),
+            ("activate", activate(&sql, "d-1", "s-1", &e, feed)),
             (
                 "expire_enrollment",
-                expire_enrollment(&sql, "d-1", "s-1", &e, now),
+                expire_enrollment(&sql, "d-1", "s-1", &e, feed),
             ),
             (
                 "ack_config applied",
@@ -491,18 +580,21 @@ mod tests {
                 ack_config(&sql, "d-1", 2, Some("bad"), &e, now),
             ),
             (
-                "update_firmware_job",
-                update_firmware_job(&sql, ("j-1", "d-1"), "installing", None, &e, now),
+                "advance_firmware_job",
+                advance_firmware_job(&sql, ("j-1", "d-1"), JobStatus::Installing, None, &e, feed),
             ),
             ("insert_credential", insert_credential(&sql, &c, &e)),
             (
                 "insert_config",
-                insert_config(&sql, "d-1", &body, "alice", &e, now),
+                insert_config(&sql, "d-1", &body, "alice", &e, feed),
             ),
-            ("insert_firmware_job", insert_firmware_job(&sql, &job, &e)),
             (
-                "set_device_state",
-                set_device_state(&sql, "d-1", DeviceState::Revoked, None, &e, now),
+                "insert_firmware_job",
+                insert_firmware_job(&sql, &job, &e, "gw-1"),
+            ),
+            (
+                "transition",
+                transition(&sql, "d-1", &DeviceState::ALL, &target, &e, feed),
             ),
         ];
         for (name, request) in &requests {
@@ -514,14 +606,20 @@ mod tests {
     fn an_enrollment_guards_its_generation_and_writes_every_row() {
         let sql = sql();
         let now = OffsetDateTime::now_utc();
+        let feed = Feed {
+            origin: "gw-1",
+            now,
+        };
         let again = commit(Some(3), true);
-        let text = commit_enrollment(&sql, &again, now).text;
+        let text = commit_enrollment(&sql, &again, feed).text;
         let order = [
             "UPDATE d SET d.device_type",
             "THROW 51001",
             "INSERT INTO [dbo].onboard_enrollments",
             "UPDATE c SET c.revoked_at",
+            "IF @@ROWCOUNT > 0\nINSERT INTO [dbo].onboard_changes",
             "INSERT INTO [dbo].onboard_credentials",
+            "INSERT INTO [dbo].onboard_changes",
             "INSERT INTO [dbo].onboard_events",
             "INSERT INTO [dbo].onboard_device_configs",
             "COMMIT TRAN",
@@ -536,9 +634,14 @@ mod tests {
         assert_eq!(text.matches("INSERT INTO [dbo].onboard_events").count(), 2);
         // Absent metadata is a NULL literal, never a NULL parameter.
         assert!(text.contains("COALESCE(CAST(NULL AS nvarchar(400)), d.location)"));
+        // The factory issuer binding is guarded in the update itself.
+        assert!(!text.contains("d.factory_issuer = CAST(NULL"), "{text}");
         let first = commit(None, false);
-        let text = commit_enrollment(&sql, &first, now).text;
+        let text = commit_enrollment(&sql, &first, feed).text;
         assert!(text.contains("INSERT INTO [dbo].onboard_devices"));
+        // A device enrolling without a factory certificate has no binding.
+        assert!(text.contains("CAST(NULL AS nvarchar(400)), CAST(NULL AS nvarchar(128)))"));
+        assert_eq!(text.matches("INSERT INTO [dbo].onboard_changes").count(), 1);
         assert!(!text.contains("THROW 51001"));
         assert!(!text.contains("c.revoked_at"));
     }
@@ -547,11 +650,15 @@ mod tests {
     fn inserts_for_a_device_check_that_it_exists_first() {
         let sql = sql();
         let now = OffsetDateTime::now_utc();
+        let feed = Feed {
+            origin: "gw-1",
+            now,
+        };
         let e = event("x");
         let c = cred();
         for text in [
             insert_credential(&sql, &c, &e).text,
-            insert_config(&sql, "d-1", &json!({}), "a", &e, now).text,
+            insert_config(&sql, "d-1", &json!({}), "a", &e, feed).text,
         ] {
             let guard = text.find("THROW 51002").expect("guard");
             let insert = text.find("INSERT INTO").expect("insert");
