@@ -225,8 +225,9 @@ Migration {
     name: "factory issuer binding",
     skip_when: None,
     statements: &[
-        "ALTER TABLE {schema}.onboard_devices ADD factory_issuer nvarchar(400) NULL, \
-            factory_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
+        // One column per statement: Babelfish refuses a COLLATE clause in a multi-column ADD.
+        "ALTER TABLE {schema}.onboard_devices ADD factory_issuer nvarchar(400) NULL",
+        "ALTER TABLE {schema}.onboard_devices ADD factory_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
     ],
 },
 Migration {
