@@ -6,6 +6,8 @@
 //! whether the size of the inventory changes the rate.
 //!
 //! Sizes: `ONBOARD_BENCH_DEVICES` (default 2000), `ONBOARD_BENCH_CONCURRENCY` (default 64).
+//! Store: SQLite, or the SQL Server `ONBOARD_BENCH_STORE_URL` names (each gateway in a scratch
+//! schema of its own); on SQL Server each fleet also reports the store round trips it cost.
 
 mod common;
 
@@ -23,7 +25,10 @@ fn main() {
 async fn bench() {
     let devices = env_usize("ONBOARD_BENCH_DEVICES", 2000).max(1);
     let concurrency = env_usize("ONBOARD_BENCH_CONCURRENCY", 64).max(1);
-    println!("enrollment: {devices} devices, concurrency {concurrency}, SQLite store, loopback");
+    println!(
+        "enrollment: {devices} devices, concurrency {concurrency}, {}, loopback",
+        common::store_name()
+    );
 
     // Each credential kind on a fresh gateway (empty inventory), so the kinds compare fairly.
     let bench = start_warm(concurrency).await;
@@ -98,6 +103,7 @@ async fn run_fleet(
     credential: SimCredential,
     label: &str,
 ) -> SimReport {
+    let requests_before = bench.store_requests();
     let report = simulate::run(
         bench.sim_options(prefix, devices, concurrency, credential),
         None,
@@ -105,6 +111,14 @@ async fn run_fleet(
     .await
     .expect("simulation runs");
     println!("\n[{label}]\n{report}");
+    if let (Some(before), Some(after)) = (requests_before, bench.store_requests()) {
+        let trips = after.saturating_sub(before) as f64;
+        println!(
+            "store        {trips:.0} round trips to SQL Server: {:.2} per enrolled device, {:.1} round trips/s",
+            trips / (report.enrolled as f64).max(1.0),
+            trips / report.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+        );
+    }
     report
 }
 

@@ -136,6 +136,13 @@ pub struct StoreConfig {
     pub max_retries: u32,
     /// Activation marks held while the store is down, before new ones are dropped.
     pub pending_queue: usize,
+    /// SQL Server: accept the server's certificate without checking it (a development server
+    /// with a self-signed certificate; warned about once at start). Also set by
+    /// `TrustServerCertificate=true` in the connection string.
+    pub trust_server_certificate: bool,
+    /// SQL Server: PEM (or DER) file of the CA that issued the server's certificate, trusted
+    /// besides the system's roots. Not together with `trust_server_certificate`.
+    pub ca_file: Option<PathBuf>,
     /// How often the change feed is polled for what other gateways sharing the store
     /// changed (revocations, configurations, firmware jobs): the bound on how late they
     /// reach the devices connected here.
@@ -271,6 +278,8 @@ impl Default for StoreConfig {
             query_timeout_ms: 5_000,
             max_retries: 3,
             pending_queue: 10_000,
+            trust_server_certificate: false,
+            ca_file: None,
             change_poll_ms: 1_000,
             change_retention_secs: 3_600,
             audit_retention_days: 90,

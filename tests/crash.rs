@@ -17,6 +17,11 @@ use serde_json::json;
 
 const DEVICES: usize = 60;
 
+/// `text` as a TOML basic string (a connection string may hold quotes and backslashes).
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
 /// Start `onboard serve` in `dir` and return it with its mTLS address (read from its banner).
 fn serve(dir: &std::path::Path) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_onboard"))
@@ -49,11 +54,20 @@ fn serve(dir: &std::path::Path) -> (Child, SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_enrollment_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    // SQLite in the directory, or a scratch schema on SQL Server (removed at the end).
+    let scratch = common::mssql::Scratch::create()
+        .await
+        .map(|s| Arc::new(ScratchGuard(s)));
+    let store_url = match &scratch {
+        Some(s) => s.0.url.clone(),
+        None => format!("sqlite://{}", dir.path().join("data/onboard.db").display()),
+    };
+    let store_toml = toml_string(&store_url);
     std::fs::write(
         dir.path().join("onboard.toml"),
         format!(
             "[server]\nmtls_listen = \"127.0.0.1:0\"\npassword_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-             [enrollment]\ntemplates_dir = \"{}\"\n",
+             [enrollment]\ntemplates_dir = \"{}\"\n[store]\nurl = {store_toml}\n",
             concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates")
         ),
     )
@@ -129,7 +143,7 @@ async fn sigkill_mid_enrollment_loses_nothing() {
     // Restart on the same files.
     let (mut child, addr) = serve(dir.path());
     let config = onboard::store::open(&onboard::config::StoreConfig {
-        url: format!("sqlite://{}", dir.path().join("data/onboard.db").display()),
+        url: store_url.clone(),
         ..Default::default()
     })
     .await

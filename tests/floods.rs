@@ -142,7 +142,12 @@ async fn a_flood_of_bare_connects_is_audited_as_one_row_per_reason_and_window() 
     assert!(t.events(tally::NO_DEVICE).await.is_empty());
 
     // The window closes when the gateway stops: one row per reason, with the exact count.
-    let TestGateway { gw, config: _, dir } = t;
+    let TestGateway {
+        gw,
+        config: _,
+        dir,
+        scratch: _scratch,
+    } = t;
     let store = gw.store.clone();
     gw.stop().await;
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -5,8 +5,10 @@
 //! - `mssql`: only when `ONBOARD_TEST_MSSQL_URL` is set (a `mssql://` URL or an ADO.NET
 //!   string). The server is shared and need not be empty: every case runs in a schema of its
 //!   own, `onboard_t<random hex>`, which the store creates when it migrates and the case drops
-//!   (`MssqlStore::drop_schema`) when it ends, whether it passed or panicked. Cases still name
-//!   their devices, serials and request ids with a prefix unique to the run.
+//!   (`MssqlStore::drop_schema`) when it ends, whether it passed or panicked; with
+//!   `ONBOARD_TEST_MSSQL_ISOLATION=database`, in `dbo` of a database of its own instead (see
+//!   `common::mssql`). Cases still name their devices, serials and request ids with a prefix
+//!   unique to the run.
 //!
 //! Points the trait's doc comments leave open, pinned down here for every backend:
 //! - bulk-imported devices start at generation 0, so their first enrollment passes `Some(0)`;
@@ -25,6 +27,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::mssql::{throwaway_name, with_schema, Scratch};
 use common::store_fixtures::*;
 use onboard::config::StoreConfig;
 use onboard::store::mssql::MssqlStore;
@@ -73,36 +76,11 @@ async fn sqlite_ctx() -> Ctx {
     }
 }
 
-/// A fresh schema name for one case: `onboard_t` and 16 random hex digits.
-fn throwaway_schema() -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("onboard_t{}", &id[..16])
-}
-
-/// `url` with its `schema` option set to `schema`, for both connection-string forms: a query
-/// parameter of an `mssql://` / `sqlserver://` URL, a key of an ADO.NET string. A `schema`
-/// already in `url` is overridden (the last one wins).
-fn with_schema(url: &str, schema: &str) -> String {
-    let url = url.trim();
-    let lower = url.to_ascii_lowercase();
-    if lower.starts_with("mssql://") || lower.starts_with("sqlserver://") {
-        let separator = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{separator}schema={schema}")
-    } else if url.is_empty() || url.ends_with(';') {
-        format!("{url}schema={schema}")
-    } else {
-        format!("{url};schema={schema}")
-    }
-}
-
-/// A store on the server named by `ONBOARD_TEST_MSSQL_URL`, in a schema of its own that the
-/// store creates. The caller drops that schema with the returned handle.
-async fn mssql_ctx() -> Option<(Ctx, Arc<MssqlStore>)> {
-    let url = std::env::var("ONBOARD_TEST_MSSQL_URL").ok()?;
-    let config = StoreConfig {
-        url: with_schema(&url, &throwaway_schema()),
-        ..StoreConfig::default()
-    };
+/// A store on the server named by `ONBOARD_TEST_MSSQL_URL`, in a scratch schema or database of
+/// its own (see `common::mssql`).
+async fn mssql_ctx() -> Option<(Ctx, Arc<MssqlStore>, Scratch)> {
+    let scratch = Scratch::create().await?;
+    let config = scratch.config();
     let store = Arc::new(
         MssqlStore::connect(&config.url, &config)
             .await
@@ -111,15 +89,15 @@ async fn mssql_ctx() -> Option<(Ctx, Arc<MssqlStore>)> {
     let cx = Ctx {
         store: store.clone(),
         prefix: unique_prefix(),
-        // The schema is new and this case's alone.
+        // The schema (or database) is new and this case's alone.
         exclusive: true,
         _dir: None,
     };
-    Some((cx, store))
+    Some((cx, store, scratch))
 }
 
-/// Run one case on SQL Server, then drop its schema, also when the case panicked (the panic
-/// is then passed on once the schema is gone).
+/// Run one case on SQL Server, then drop its scratch schema or database, also when the case
+/// panicked (the panic is then passed on once the scratch place is gone).
 async fn run_mssql_case<F, Fut>(case: F)
 where
     F: FnOnce(Ctx) -> Fut,
@@ -127,22 +105,24 @@ where
 {
     use futures::FutureExt;
 
-    let Some((cx, store)) = mssql_ctx().await else {
+    let Some((cx, store, scratch)) = mssql_ctx().await else {
         println!("skipped: ONBOARD_TEST_MSSQL_URL is not set");
         return;
     };
     let outcome = std::panic::AssertUnwindSafe(case(cx)).catch_unwind().await;
-    let cleanup = store.drop_schema().await;
+    // The pool closes with the last handle, before a scratch database is dropped.
+    drop(store);
+    let cleanup = scratch.remove().await;
     match outcome {
         Err(panic) => {
             if let Err(e) = &cleanup {
-                eprintln!("could not drop test schema {}: {e}", store.schema());
+                eprintln!("could not drop test scratch {}: {e}", scratch.name());
             }
             std::panic::resume_unwind(panic);
         }
         Ok(()) => {
             if let Err(e) = cleanup {
-                panic!("could not drop test schema {}: {e}", store.schema());
+                panic!("could not drop test scratch {}: {e}", scratch.name());
             }
         }
     }
@@ -166,13 +146,13 @@ fn schema_is_appended_to_both_connection_string_forms() {
     ] {
         assert_eq!(with_schema(url, "s1"), expected, "{url}");
     }
-    let name = throwaway_schema();
+    let name = throwaway_name();
     assert!(name.starts_with("onboard_t"), "{name}");
     assert_eq!(name.len(), "onboard_t".len() + 16, "{name}");
     assert!(name["onboard_t".len()..]
         .chars()
         .all(|c| c.is_ascii_hexdigit()));
-    assert_ne!(name, throwaway_schema());
+    assert_ne!(name, throwaway_name());
 }
 
 /// One `#[tokio::test]` per case per backend: `sqlite::<case>` and `mssql::<case>`.
@@ -220,6 +200,7 @@ contract_tests!(
     old_events_are_deleted_in_batches,
     firmware_jobs,
     admin_replies_are_idempotent,
+    identifiers_compare_exactly,
     a_revoke_is_never_overwritten_by_a_rollback,
     firmware_progress_only_moves_forward,
     changes_are_fed_with_their_writes,
@@ -1514,6 +1495,96 @@ async fn firmware_jobs(cx: Ctx) {
     let names = event_names(&cx, &d).await;
     assert_eq!(names.iter().filter(|n| *n == "firmware_queued").count(), 2);
     assert_eq!(names.iter().filter(|n| *n == "firmware_status").count(), 2);
+}
+
+/// `ab` and `AB` are two devices: nothing of one is found, changed or revoked through the other
+/// (a case-insensitive collation would merge them).
+async fn identifiers_compare_exactly(cx: Ctx) {
+    let (lower, upper) = (cx.id("ab"), cx.id("AB"));
+    enroll(&cx, &lower, "r1", "ser-ab").await;
+    assert!(cx.store.device(&upper).await.unwrap().is_none());
+    assert!(cx.store.latest_config(&upper).await.unwrap().is_none());
+    assert!(cx.store.credentials_of(&upper).await.unwrap().is_empty());
+    assert!(cx
+        .store
+        .find_enrollment(&upper, "r1")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(cx
+        .store
+        .credential(&cx.id("SER-AB"))
+        .await
+        .unwrap()
+        .is_none());
+
+    // The other one enrolls as a new device, with the same request id.
+    let generation = enroll(&cx, &upper, "r1", "SER-AB").await;
+    assert_eq!(
+        generation, 1,
+        "a first enrollment, not a re-enrollment of {lower}"
+    );
+    for (id, serial) in [(&lower, "ser-ab"), (&upper, "SER-AB")] {
+        let device = cx.store.device(id).await.unwrap().expect("device");
+        assert_eq!(&device.id, id);
+        assert_eq!(device.current_serial, Some(cx.id(serial)));
+        let creds = cx.store.credentials_of(id).await.unwrap();
+        assert_eq!(creds.len(), 1, "{id}");
+        assert_eq!(cx.store.config_history(id).await.unwrap().len(), 1, "{id}");
+    }
+    assert!(cx
+        .store
+        .find_enrollment(&upper, "R1")
+        .await
+        .unwrap()
+        .is_none());
+
+    // Revoking one's credentials and activating the other leave each other alone.
+    let revoked = cx
+        .store
+        .revoke_device_credentials(&upper, "admin")
+        .await
+        .unwrap();
+    assert_eq!(revoked, vec![cx.id("SER-AB")]);
+    assert!(!cx
+        .store
+        .credential(&cx.id("ser-ab"))
+        .await
+        .unwrap()
+        .unwrap()
+        .is_revoked());
+    assert!(!cx
+        .store
+        .activate(&upper, &cx.id("ser-ab"), event(&upper, "activated"))
+        .await
+        .unwrap());
+    assert!(cx
+        .store
+        .activate(&lower, &cx.id("ser-ab"), event(&lower, "activated"))
+        .await
+        .unwrap());
+    assert_eq!(
+        cx.store.device(&upper).await.unwrap().unwrap().state,
+        DeviceState::Enrolling
+    );
+    assert_eq!(
+        event_names(&cx, &upper).await,
+        ["enroll_requested", "credential_issued"]
+    );
+    assert!(cx
+        .store
+        .record_admin_reply(&cx.id("req-x"), &json!(1))
+        .await
+        .unwrap());
+    assert!(cx
+        .store
+        .record_admin_reply(&cx.id("REQ-X"), &json!(2))
+        .await
+        .unwrap());
+    assert_eq!(
+        cx.store.admin_reply(&cx.id("REQ-X")).await.unwrap(),
+        Some(json!(2))
+    );
 }
 
 async fn admin_replies_are_idempotent(cx: Ctx) {

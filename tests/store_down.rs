@@ -1,4 +1,5 @@
-//! The store is down (its write lock held by someone else): enrollments are answered
+//! The store is down (SQLite: its write lock held by someone else; SQL Server: the network to
+//! it cut, when `ONBOARD_TEST_MSSQL_URL` is set): enrollments are answered
 //! `unavailable` with a retry hint and nothing half-written, active devices keep working,
 //! activation marks are queued and written when the store comes back, `/readyz` says so.
 
@@ -26,10 +27,50 @@ fn lock_store(path: std::path::PathBuf) -> std::sync::mpsc::Sender<()> {
     tx
 }
 
+/// How the test takes the store down and brings it back.
+enum Outage {
+    /// SQLite: the file, locked while the sender lives.
+    Sqlite(std::path::PathBuf, Option<std::sync::mpsc::Sender<()>>),
+    /// SQL Server: reached through a relay the test cuts.
+    Mssql(common::mssql::Relay),
+}
+
+impl Outage {
+    fn begin(&mut self) {
+        match self {
+            Outage::Sqlite(path, lock) => *lock = Some(lock_store(path.clone())),
+            Outage::Mssql(relay) => relay.set_cut(true),
+        }
+    }
+
+    fn end(&mut self) {
+        match self {
+            Outage::Sqlite(_, lock) => drop(lock.take()),
+            Outage::Mssql(relay) => relay.set_cut(false),
+        }
+    }
+}
+
 #[tokio::test]
 async fn enrollment_and_activation_while_the_store_is_down() {
-    let t = TestGateway::start_with(|c| c.store.query_timeout_ms = 200).await;
-    let db = t.dir.path().join("onboard.db");
+    let relay = match std::env::var(common::mssql::URL_VAR) {
+        Ok(url) if on_mssql() => {
+            Some(common::mssql::Relay::start(common::mssql::server_addr(&url)).await)
+        }
+        _ => None,
+    };
+    let t = TestGateway::start_with(|c| {
+        c.store.query_timeout_ms = 200;
+        if let Some(relay) = &relay {
+            c.store.url = common::mssql::with_server(&c.store.url, relay.addr);
+            c.store.connect_timeout_ms = 500;
+        }
+    })
+    .await;
+    let mut outage = match relay {
+        Some(relay) => Outage::Mssql(relay),
+        None => Outage::Sqlite(t.dir.path().join("onboard.db"), None),
+    };
 
     // One device is active before the outage; one is enrolled and not yet active.
     let (csr, key) = csr_for("up-1");
@@ -60,7 +101,7 @@ async fn enrollment_and_activation_while_the_store_is_down() {
         .await
         .unwrap();
 
-    let unlock = lock_store(db);
+    outage.begin();
     let (status, body) = t.http_get("/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("unreachable"), "{body}");
@@ -106,7 +147,7 @@ async fn enrollment_and_activation_while_the_store_is_down() {
         "a report whose activation is only queued is not acknowledged"
     );
 
-    drop(unlock);
+    outage.end();
     eventually("late-1 active once the store is back", || async {
         t.gw.store
             .device("late-1")

@@ -1,6 +1,6 @@
 //! Shared set-up of the benchmarks: an in-process gateway on loopback (temporary PKI directory
-//! and SQLite file), a bare rumqttd on loopback for same-run baselines, and sizes read from
-//! environment variables.
+//! and SQLite file, or a scratch schema on the SQL Server `ONBOARD_BENCH_STORE_URL` names), a
+//! bare rumqttd on loopback for same-run baselines, and sizes read from environment variables.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -43,12 +43,48 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// A gateway on ephemeral loopback ports with its own PKI directory and SQLite file.
+/// The store a benchmark gateway uses: `sqlite` (a file in its directory), or a SQL Server
+/// connection string (each gateway then gets a scratch schema of its own there, dropped when
+/// it stops).
+pub const STORE_URL_VAR: &str = "ONBOARD_BENCH_STORE_URL";
+
+/// A gateway on ephemeral loopback ports with its own PKI directory and SQLite file (or SQL
+/// Server scratch schema, see [`STORE_URL_VAR`]).
 pub struct Bench {
     pub gw: Gateway,
     pub config: Config,
     /// Kept for the lifetime of the gateway (PKI, database).
     pub dir: TempDir,
+}
+
+/// The SQL Server connection string of [`STORE_URL_VAR`], if it names one.
+pub fn mssql_url() -> Option<String> {
+    std::env::var(STORE_URL_VAR)
+        .ok()
+        .filter(|url| onboard::store::mssql::looks_like_mssql(url))
+}
+
+/// `url` with a fresh scratch schema.
+fn with_scratch_schema(url: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let schema = format!("onboard_b{}", &id[..16]);
+    let url = url.trim();
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("mssql://") || lower.starts_with("sqlserver://") {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}schema={schema}")
+    } else {
+        format!("{};schema={schema}", url.trim_end_matches(';'))
+    }
+}
+
+/// Which store the benchmarks run on, for their headers.
+pub fn store_name() -> &'static str {
+    if mssql_url().is_some() {
+        "SQL Server store"
+    } else {
+        "SQLite store"
+    }
 }
 
 impl Bench {
@@ -60,7 +96,10 @@ impl Bench {
         config.server.password_listen = local;
         config.server.metrics_listen = local;
         config.pki.dir = dir.path().join("certs");
-        config.store.url = format!("sqlite://{}", dir.path().join("onboard.db").display());
+        config.store.url = match mssql_url() {
+            Some(url) => with_scratch_schema(&url),
+            None => format!("sqlite://{}", dir.path().join("onboard.db").display()),
+        };
         config.enrollment.templates_dir =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/templates");
         // Benchmarks measure the gateway, not its rate limiter.
@@ -114,8 +153,24 @@ impl Bench {
         .expect("client TLS configuration")
     }
 
+    /// Requests the gateway's store has sent to its server so far (SQL Server only).
+    pub fn store_requests(&self) -> Option<u64> {
+        self.gw.store.requests_sent()
+    }
+
     pub async fn stop(self) {
         self.gw.stop().await;
+        if onboard::store::mssql::looks_like_mssql(&self.config.store.url) {
+            let url = &self.config.store.url;
+            match onboard::store::mssql::MssqlStore::connect(url, &self.config.store).await {
+                Ok(store) => {
+                    if let Err(e) = store.drop_schema().await {
+                        println!("  could not drop the scratch schema: {e}");
+                    }
+                }
+                Err(e) => println!("  could not drop the scratch schema: {e}"),
+            }
+        }
     }
 }
 

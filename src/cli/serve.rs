@@ -19,8 +19,16 @@ pub fn init_logging(serving: bool, format: LogFormat) {
     } else {
         "warn,rumqttd=off"
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ONBOARD_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("ONBOARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // The SQL Server driver warns on every connection that trusts the server's certificate
+    // unchecked; the store says so once at start instead (unless its log is asked for).
+    let driver_asked = std::env::var("ONBOARD_LOG").is_ok_and(|v| v.contains("tiberius"));
+    if !driver_asked {
+        if let Ok(directive) = "tiberius::client::tls_stream=error".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -589,6 +589,12 @@ pub trait Store: Send + Sync + 'static {
     /// Round trip to the database (readiness probe).
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Requests sent to the database server so far, for backends that count them (SQL Server:
+    /// one per round trip); `None` for an embedded database.
+    fn requests_sent(&self) -> Option<u64> {
+        None
+    }
+
     // ---- devices ----------------------------------------------------------------------------
     async fn device(&self, id: &str) -> StoreResult<Option<Device>>;
     async fn list_devices(&self, filter: &DeviceFilter) -> StoreResult<Vec<Device>>;

@@ -22,11 +22,30 @@ use tokio::sync::mpsc;
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A gateway on ephemeral loopback ports with its own PKI directory and SQLite file.
+/// A gateway on ephemeral loopback ports with its own PKI directory and SQLite file, or, when
+/// `ONBOARD_TEST_MSSQL_URL` is set, its own scratch schema on that SQL Server (see
+/// [`super::mssql`]).
 pub struct TestGateway {
     pub gw: Gateway,
     pub config: Config,
     pub dir: Arc<TempDir>,
+    /// The SQL Server scratch place, removed when the last gateway on it is gone (declared
+    /// last: dropped after the gateway).
+    pub scratch: Option<Arc<ScratchGuard>>,
+}
+
+/// Removes its scratch schema or database when dropped.
+pub struct ScratchGuard(pub super::mssql::Scratch);
+
+impl Drop for ScratchGuard {
+    fn drop(&mut self) {
+        self.0.remove_blocking();
+    }
+}
+
+/// Whether the tests run on SQL Server (`ONBOARD_TEST_MSSQL_URL` is set).
+pub fn on_mssql() -> bool {
+    std::env::var(super::mssql::URL_VAR).is_ok_and(|u| !u.trim().is_empty())
 }
 
 /// Configuration of a test gateway rooted in `dir`.
@@ -52,21 +71,41 @@ impl TestGateway {
     pub async fn start_with(change: impl FnOnce(&mut Config)) -> TestGateway {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
         let mut config = test_config(dir.path());
+        let scratch = super::mssql::Scratch::create().await;
+        if let Some(scratch) = &scratch {
+            config.store.url = scratch.url.clone();
+        }
+        let scratch = scratch.map(|s| Arc::new(ScratchGuard(s)));
         change(&mut config);
         let gw = Gateway::start(config.clone())
             .await
             .expect("gateway starts");
-        TestGateway { gw, config, dir }
+        TestGateway {
+            gw,
+            config,
+            dir,
+            scratch,
+        }
     }
 
     /// Stop this gateway and start a new one on the same PKI and store (new ports).
     pub async fn restart(self) -> TestGateway {
-        let TestGateway { gw, config, dir } = self;
+        let TestGateway {
+            gw,
+            config,
+            dir,
+            scratch,
+        } = self;
         gw.stop().await;
         let gw = Gateway::start(config.clone())
             .await
             .expect("gateway restarts");
-        TestGateway { gw, config, dir }
+        TestGateway {
+            gw,
+            config,
+            dir,
+            scratch,
+        }
     }
 
     fn issuer(&self, stem: &str) -> Issuer {

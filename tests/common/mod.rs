@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod harness;
+pub mod mssql;
 pub mod served;
 pub mod store_fixtures;

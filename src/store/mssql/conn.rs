@@ -7,6 +7,7 @@ use tiberius::{Client, ColumnData, Config, Row, ToSql};
 use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
+use super::batch::{Request, RoundTrips};
 use super::errors::{breaks_connection, classify};
 use super::url::Target;
 use crate::store::{StoreError, StoreResult};
@@ -61,6 +62,8 @@ pub struct Connection {
     in_transaction: bool,
     /// Bound on every request, from `[store] query_timeout_ms`.
     query_timeout: Duration,
+    /// Counts every request this connection sends.
+    round_trips: RoundTrips,
 }
 
 impl Connection {
@@ -94,6 +97,7 @@ impl Connection {
     ) -> StoreResult<u64> {
         refuse_null_parameters(context, params)?;
         self.busy = true;
+        self.round_trips.count_request();
         let result =
             tokio::time::timeout(self.query_timeout, self.client.execute(sql, params)).await;
         match result {
@@ -118,6 +122,7 @@ impl Connection {
     ) -> StoreResult<Vec<Row>> {
         refuse_null_parameters(context, params)?;
         self.busy = true;
+        self.round_trips.count_request();
         let client = &mut self.client;
         let result = tokio::time::timeout(self.query_timeout, async move {
             client.query(sql, params).await?.into_first_result().await
@@ -151,6 +156,7 @@ impl Connection {
     /// never with data.
     pub async fn batch(&mut self, context: &str, sql: &str) -> StoreResult<()> {
         self.busy = true;
+        self.round_trips.count_request();
         let client = &mut self.client;
         let result = tokio::time::timeout(self.query_timeout, async move {
             client.simple_query(sql).await?.into_results().await
@@ -164,6 +170,47 @@ impl Connection {
             Ok(Err(e)) => {
                 self.busy = false;
                 Err(self.fail(context, e))
+            }
+            Err(_) => Err(self.timed_out(context)),
+        }
+    }
+
+    /// Send `request` (a batch with its transaction inside, see `batch`) in one round trip;
+    /// returns every result set it produced, in order. After an error the session is rolled
+    /// back (the batch's `CATCH` normally did so already), so it never goes back to the pool
+    /// with a transaction open.
+    pub async fn request(
+        &mut self,
+        context: &str,
+        request: &Request<'_>,
+    ) -> StoreResult<Vec<Vec<Row>>> {
+        if let Some(i) = request.params.iter().position(is_null) {
+            return Err(StoreError::Database(format!(
+                "{context}: parameter @P{} is NULL (write absent values as NULL literals)",
+                i + 1
+            )));
+        }
+        let mut query = tiberius::Query::new(request.text.as_str());
+        for param in &request.params {
+            query.bind(param.clone());
+        }
+        self.busy = true;
+        self.round_trips.count_request();
+        let client = &mut self.client;
+        let result = tokio::time::timeout(self.query_timeout, async move {
+            query.query(client).await?.into_results().await
+        })
+        .await;
+        match result {
+            Ok(Ok(sets)) => {
+                self.busy = false;
+                Ok(sets)
+            }
+            Ok(Err(e)) => {
+                self.busy = false;
+                let error = self.fail(context, e);
+                self.rollback().await;
+                Err(error)
             }
             Err(_) => Err(self.timed_out(context)),
         }
@@ -218,6 +265,8 @@ pub struct Manager {
     target: Target,
     connect_timeout: Duration,
     query_timeout: Duration,
+    /// Shared with every connection this manager opens.
+    round_trips: RoundTrips,
     /// Why the latest connection attempt failed (cleared by a success). The pool opens
     /// connections in the background, so a checkout that times out reports this reason.
     last_error: LastError,
@@ -247,6 +296,11 @@ impl Manager {
         self.last_error.clone()
     }
 
+    /// The round-trip counter of every connection this manager opens.
+    pub fn round_trips(&self) -> RoundTrips {
+        self.round_trips.clone()
+    }
+
     fn remember(&self, result: &StoreResult<Connection>) {
         self.last_error
             .set(result.as_ref().err().map(ToString::to_string));
@@ -268,6 +322,7 @@ impl Manager {
             target,
             connect_timeout,
             query_timeout,
+            round_trips: RoundTrips::default(),
             last_error: LastError::default(),
         }
     }
@@ -291,12 +346,17 @@ impl Manager {
                         busy: false,
                         in_transaction: false,
                         query_timeout: self.query_timeout,
+                        round_trips: RoundTrips::default(),
                     };
                     // XACT_ABORT: any error aborts and rolls back the whole transaction, so a
                     // failed statement can never leave half a transaction behind. Set at batch
                     // level so it holds for the whole session.
                     conn.batch("session options", "SET XACT_ABORT ON; SET NOCOUNT OFF;")
                         .await?;
+                    // Counted from here on: the login and its session options count as one
+                    // connect.
+                    self.round_trips.count_connect();
+                    conn.round_trips = self.round_trips.clone();
                     return Ok(conn);
                 }
                 Err(tiberius::error::Error::Routing { host, port }) => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use rand::Rng;
 use tiberius::error::{Error, IoErrorKind};
 
+use super::batch;
 use crate::store::StoreError;
 
 /// First retry waits up to this long.
@@ -34,6 +35,10 @@ pub const DUPLICATE_KEY_CODES: &[u32] = &[2601, 2627];
 pub enum ErrorClass {
     Transient,
     Duplicate,
+    /// A guard of the store's own batches found the row changed ([`batch::CONFLICT`]).
+    Conflict,
+    /// A guard of the store's own batches found no row ([`batch::NOT_FOUND`]).
+    Missing,
     Permanent,
 }
 
@@ -43,6 +48,10 @@ pub fn classify_code(code: u32) -> ErrorClass {
         ErrorClass::Transient
     } else if DUPLICATE_KEY_CODES.contains(&code) {
         ErrorClass::Duplicate
+    } else if code == batch::CONFLICT {
+        ErrorClass::Conflict
+    } else if code == batch::NOT_FOUND {
+        ErrorClass::Missing
     } else {
         ErrorClass::Permanent
     }
@@ -59,6 +68,12 @@ pub fn classify(context: &str, err: &Error) -> StoreError {
             match classify_code(code) {
                 ErrorClass::Transient => StoreError::Unavailable(message),
                 ErrorClass::Duplicate => StoreError::Conflict(message),
+                ErrorClass::Conflict => {
+                    StoreError::Conflict(format!("{context}: {}", token.message()))
+                }
+                ErrorClass::Missing => {
+                    StoreError::NotFound(format!("{context}: {}", token.message()))
+                }
                 ErrorClass::Permanent => StoreError::Database(message),
             }
         }
@@ -193,6 +208,9 @@ mod tests {
     fn duplicate_and_permanent_codes() {
         assert_eq!(classify_code(2627), ErrorClass::Duplicate);
         assert_eq!(classify_code(2601), ErrorClass::Duplicate);
+        assert_eq!(classify_code(51001), ErrorClass::Conflict);
+        assert_eq!(classify_code(51002), ErrorClass::Missing);
+        assert_eq!(classify_code(50000), ErrorClass::Permanent);
         for code in [547, 8152, 208, 18456, 102, 515, 0] {
             assert_eq!(classify_code(code), ErrorClass::Permanent, "{code}");
         }

@@ -20,12 +20,14 @@
 //! value is written as a typed `CAST(NULL AS ...)` literal in the statement text (see
 //! `rows::null_slots`), never as a value.
 
+mod batch;
 mod conn;
 mod errors;
 mod rows;
 mod schema;
 mod statements;
 mod url;
+mod writes;
 
 use std::time::Duration;
 
@@ -33,11 +35,13 @@ use futures::future::BoxFuture;
 use tiberius::ToSql;
 use time::OffsetDateTime;
 
+use self::batch::Request;
 use self::conn::{Connection, LastError, Manager};
-use self::rows::{int64, json_text, null_slots, to_db_time, ABSENT_TIME};
+use self::rows::{int64, json_text, null_slots, to_db_time};
 use self::statements::Statements;
 use super::*;
 
+pub use self::batch::RoundTrips;
 pub use self::errors::{
     backoff_ceiling, backoff_delay, classify, classify_code, ErrorClass, BACKOFF_BASE, BACKOFF_CAP,
 };
@@ -63,6 +67,8 @@ pub struct MssqlStore {
     checkout_timeout: Duration,
     /// Why the pool's latest connection attempt failed, for checkout time-out messages.
     last_connect_error: LastError,
+    /// Requests every connection of the pool has sent (exposed for tests and benchmarks).
+    round_trips: RoundTrips,
     /// Stamped on the change-feed rows this instance writes.
     origin: String,
 }
@@ -96,8 +102,16 @@ impl MssqlStore {
         url: &str,
         config: &crate::config::StoreConfig,
     ) -> StoreResult<MssqlStore> {
-        let parsed = self::url::parse(url)?;
+        let parsed = self::url::parse_with(url, config)?;
         let target = parsed.target.clone();
+        if target.trust_server_certificate {
+            // Once per store; the driver's own per-connection warning is filtered out.
+            tracing::warn!(
+                target = %target,
+                "the SQL Server's certificate is not checked (trust_server_certificate): \
+                 for a development server only; give [store] ca_file instead"
+            );
+        }
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
         let query_timeout = Duration::from_millis(config.query_timeout_ms.max(1));
         let manager = Manager::new(
@@ -107,6 +121,7 @@ impl MssqlStore {
             query_timeout,
         );
         let last_connect_error = manager.last_error();
+        let round_trips = manager.round_trips();
         let pool = bb8::Pool::builder()
             .max_size(config.pool_size.max(1))
             .connection_timeout(connect_timeout)
@@ -122,6 +137,7 @@ impl MssqlStore {
             max_retries: config.max_retries,
             checkout_timeout: connect_timeout,
             last_connect_error,
+            round_trips,
             origin: new_origin(),
         };
         store.migrate(query_timeout).await?;
@@ -166,6 +182,38 @@ impl MssqlStore {
             Box::pin(async move { schema::drop_all(&mut c, schema).await })
         })
         .await
+    }
+
+    /// Create (`create`) or drop database `name` on the server `url` names, on a connection of
+    /// its own. For throw-away test databases, like [`MssqlStore::drop_schema`]: `name` follows
+    /// the rules of a [`SchemaName`]. Dropping waits (up to `config.connect_timeout_ms`, at least
+    /// 5 s) for the server to end the sessions of stores that used it.
+    pub async fn scratch_database(
+        url: &str,
+        config: &crate::config::StoreConfig,
+        name: &str,
+        create: bool,
+    ) -> StoreResult<()> {
+        let name = SchemaName::parse(name)?;
+        let parsed = self::url::parse(url)?;
+        let timeout = Duration::from_millis(config.connect_timeout_ms.max(5_000));
+        let manager = Manager::new(parsed.config, parsed.target, timeout, timeout);
+        let mut conn = bb8::ManageConnection::connect(&manager).await?;
+        let quoted = name.quoted();
+        let bare = name.as_str();
+        if create {
+            let sql = format!("IF DB_ID(N'{bare}') IS NULL CREATE DATABASE {quoted}");
+            return conn.batch("create database", &sql).await;
+        }
+        let sql = format!("IF DB_ID(N'{bare}') IS NOT NULL DROP DATABASE {quoted}");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match conn.batch("drop database", &sql).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// The schema holding this store's tables.
@@ -227,6 +275,39 @@ impl MssqlStore {
     }
 }
 
+impl MssqlStore {
+    /// Send `request` (one batch, its transaction inside) on a pooled connection: one round
+    /// trip, repeated as a whole on a fresh connection after a transient error.
+    async fn one_trip(
+        &self,
+        op: &'static str,
+        request: &Request<'_>,
+    ) -> StoreResult<Vec<Vec<tiberius::Row>>> {
+        self.run(op, |mut c| {
+            Box::pin(async move { c.request(op, request).await })
+        })
+        .await
+    }
+
+    /// This instance's stamp and the current time, for the change-feed rows of a batch.
+    fn feed(&self) -> writes::Feed<'_> {
+        writes::Feed {
+            origin: &self.origin,
+            now: OffsetDateTime::now_utc(),
+        }
+    }
+
+    /// Requests sent to the server by this store's connections so far (see [`RoundTrips`]).
+    pub fn round_trips(&self) -> RoundTrips {
+        self.round_trips.clone()
+    }
+}
+
+/// `host:port` the store dials for connection string `url`.
+pub fn server_address(url: &str) -> StoreResult<String> {
+    Ok(self::url::parse(url)?.target.addr)
+}
+
 /// Add the (password-free) server name to errors an operator has to act on.
 fn name_server(error: StoreError, target: &Target) -> StoreError {
     match error {
@@ -276,284 +357,6 @@ async fn insert_change(
     )
     .await?;
     Ok(())
-}
-
-async fn insert_credential_row(
-    c: &mut Connection,
-    sql: &Statements,
-    cred: &Credential,
-) -> StoreResult<()> {
-    let text = null_slots(
-        &sql.insert_credential,
-        [
-            (5, cred.password_hash.is_none()),
-            (6, cred.not_after.is_none()),
-            (8, cred.activated_at.is_none()),
-            (9, cred.revoked_at.is_none()),
-            (10, cred.revoke_reason.is_none()),
-        ],
-    );
-    let time_or_absent = |t: Option<OffsetDateTime>| t.map(to_db_time).unwrap_or(ABSENT_TIME);
-    let not_after = time_or_absent(cred.not_after);
-    let created_at = to_db_time(cred.created_at);
-    let activated_at = time_or_absent(cred.activated_at);
-    let revoked_at = time_or_absent(cred.revoked_at);
-    c.execute(
-        "insert credential",
-        &text,
-        &[
-            &cred.serial.as_str(),
-            &cred.fingerprint.as_slice(),
-            &cred.device_id.as_str(),
-            &cred.kind.as_str(),
-            &cred.password_hash.as_deref().unwrap_or_default(),
-            &not_after,
-            &created_at,
-            &activated_at,
-            &revoked_at,
-            &cred.revoke_reason.as_deref().unwrap_or_default(),
-        ],
-    )
-    .await
-    .map_err(|e| match e {
-        StoreError::Conflict(_) => {
-            StoreError::Conflict(format!("credential {} already exists", cred.serial))
-        }
-        other => other,
-    })?;
-    Ok(())
-}
-
-async fn insert_next_config(
-    c: &mut Connection,
-    sql: &Statements,
-    device_id: &str,
-    body: &serde_json::Value,
-    created_by: &str,
-    now: OffsetDateTime,
-) -> StoreResult<DeviceConfig> {
-    let body = json_text(body);
-    let now = to_db_time(now);
-    let row = c
-        .query_opt(
-            "insert config",
-            &sql.insert_next_config,
-            &[&device_id, &body.as_str(), &created_by, &now],
-        )
-        .await?
-        .ok_or_else(|| StoreError::Database("insert config returned no row".into()))?;
-    rows::config(&row)
-}
-
-async fn commit_enrollment_body(
-    c: &mut Connection,
-    sql: &Statements,
-    origin: &str,
-    commit: &EnrollmentCommit,
-) -> StoreResult<EnrollmentCommitted> {
-    let now = OffsetDateTime::now_utc();
-    let now_db = to_db_time(now);
-    let deadline = to_db_time(commit.activation_deadline);
-    let device_id = commit.device_id.as_str();
-    let kind = commit.credential.kind.as_str();
-    let serial = commit.credential.serial.as_str();
-    let absent = [
-        (3, commit.model.is_none()),
-        (4, commit.location.is_none()),
-        (5, commit.firmware_version.is_none()),
-    ];
-    let model = commit.model.as_deref().unwrap_or_default();
-    let location = commit.location.as_deref().unwrap_or_default();
-    let firmware = commit.firmware_version.as_deref().unwrap_or_default();
-    let issuer = commit.factory.as_ref().map(|f| f.issuer.as_str());
-    let factory_serial = commit.factory.as_ref().map(|f| f.serial.as_str());
-
-    // 1. The device row, guarded by its generation (or by the primary key when new).
-    let generation = match commit.expected_generation {
-        Some(expected) => {
-            let row = c
-                .query_opt(
-                    "commit_enrollment: update device",
-                    &null_slots(
-                        &sql.update_device_for_enrollment,
-                        absent
-                            .into_iter()
-                            .chain([(11, issuer.is_none()), (12, factory_serial.is_none())]),
-                    ),
-                    &[
-                        &device_id,
-                        &commit.device_type.as_str(),
-                        &model,
-                        &location,
-                        &firmware,
-                        &kind,
-                        &serial,
-                        &now_db,
-                        &deadline,
-                        &expected,
-                        &issuer.unwrap_or_default(),
-                        &factory_serial.unwrap_or_default(),
-                    ],
-                )
-                .await?;
-            match row {
-                Some(row) => int64(&row, "generation")?,
-                None => {
-                    return Err(StoreError::Conflict(format!(
-                        "device {device_id} changed since generation {expected} was read \
-                         (or is revoked, or bound to another factory issuer)"
-                    )))
-                }
-            }
-        }
-        None => {
-            c.execute(
-                "commit_enrollment: insert device",
-                &null_slots(
-                    &sql.insert_device_for_enrollment,
-                    absent
-                        .into_iter()
-                        .chain([(10, issuer.is_none()), (11, factory_serial.is_none())]),
-                ),
-                &[
-                    &device_id,
-                    &commit.device_type.as_str(),
-                    &model,
-                    &location,
-                    &firmware,
-                    &kind,
-                    &serial,
-                    &now_db,
-                    &deadline,
-                    &issuer.unwrap_or_default(),
-                    &factory_serial.unwrap_or_default(),
-                ],
-            )
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(_) => {
-                    StoreError::Conflict(format!("device {device_id} was created concurrently"))
-                }
-                other => other,
-            })?;
-            1
-        }
-    };
-
-    // 2. The idempotency record: a second commit of the same request fails here.
-    let response = json_text(&commit.response);
-    c.execute(
-        "commit_enrollment: record enrollment",
-        &sql.insert_enrollment,
-        &[
-            &device_id,
-            &commit.request_id.as_str(),
-            &serial,
-            &response.as_str(),
-            &now_db,
-        ],
-    )
-    .await
-    .map_err(|e| match e {
-        StoreError::Conflict(_) => StoreError::Conflict(format!(
-            "enrollment {device_id}/{} already recorded",
-            commit.request_id
-        )),
-        other => other,
-    })?;
-
-    // 3. Other credentials, before the new one is inserted (so it is never among them).
-    if let Some(reason) = &commit.revoke_others {
-        let revoked = c
-            .query(
-                "commit_enrollment: revoke others",
-                &sql.revoke_device_credentials,
-                &[&device_id, &now_db, &reason.as_str()],
-            )
-            .await?;
-        if !revoked.is_empty() {
-            insert_change(c, sql, origin, device_id, ChangeKind::Credentials).await?;
-        }
-    }
-
-    // 4. The credential, the configuration version, the audit events.
-    insert_credential_row(c, sql, &commit.credential).await?;
-    let config = insert_next_config(c, sql, device_id, &commit.config_body, "gateway", now).await?;
-    insert_change(c, sql, origin, device_id, ChangeKind::Config).await?;
-    for event in &commit.events {
-        insert_event(c, sql, event).await?;
-    }
-    Ok(EnrollmentCommitted { config, generation })
-}
-
-async fn activate_body(
-    c: &mut Connection,
-    sql: &Statements,
-    origin: &str,
-    device_id: &str,
-    serial: &str,
-    event: &AuditEvent,
-) -> StoreResult<bool> {
-    let now = to_db_time(OffsetDateTime::now_utc());
-    let changed = c
-        .execute(
-            "activate: device",
-            &sql.activate_device,
-            &[&device_id, &serial, &now],
-        )
-        .await?;
-    if changed == 0 {
-        return Ok(false);
-    }
-    c.execute(
-        "activate: credential",
-        &sql.activate_credential,
-        &[&serial, &now],
-    )
-    .await?;
-    let superseded = c
-        .execute(
-            "activate: supersede",
-            &sql.activate_supersede,
-            &[&device_id, &serial, &now],
-        )
-        .await?;
-    if superseded > 0 {
-        insert_change(c, sql, origin, device_id, ChangeKind::Credentials).await?;
-    }
-    insert_event(c, sql, event).await?;
-    Ok(true)
-}
-
-async fn expire_body(
-    c: &mut Connection,
-    sql: &Statements,
-    origin: &str,
-    device_id: &str,
-    serial: &str,
-    event: &AuditEvent,
-) -> StoreResult<bool> {
-    let now = to_db_time(OffsetDateTime::now_utc());
-    let changed = c
-        .execute(
-            "expire_enrollment: device",
-            &sql.expire_device,
-            &[&device_id, &serial, &now],
-        )
-        .await?;
-    if changed == 0 {
-        return Ok(false);
-    }
-    c.execute(
-        "expire_enrollment: credential",
-        &sql.expire_credential,
-        &[&serial, &now],
-    )
-    .await?;
-    insert_change(c, sql, origin, device_id, ChangeKind::Credentials).await?;
-    insert_change(c, sql, origin, device_id, ChangeKind::State).await?;
-    insert_event(c, sql, event).await?;
-    Ok(true)
 }
 
 async fn import_body(
@@ -614,6 +417,18 @@ async fn import_body(
     Ok(outcome)
 }
 
+/// The first row of a batch's last result set (its outcome).
+fn outcome(sets: &[Vec<tiberius::Row>]) -> Option<&tiberius::Row> {
+    sets.last().and_then(|rows| rows.first())
+}
+
+/// Whether a conditional write changed its row ([`writes::CHANGED`]).
+fn changed(sets: &[Vec<tiberius::Row>]) -> StoreResult<bool> {
+    let row =
+        outcome(sets).ok_or_else(|| StoreError::Database("a write returned no outcome".into()))?;
+    Ok(rows::int32(row, "changed")? > 0)
+}
+
 fn collect<T>(
     rows: Vec<tiberius::Row>,
     map: impl Fn(&tiberius::Row) -> StoreResult<T>,
@@ -625,6 +440,10 @@ fn collect<T>(
 impl Store for MssqlStore {
     fn backend(&self) -> &'static str {
         "mssql"
+    }
+
+    fn requests_sent(&self) -> Option<u64> {
+        Some(self.round_trips.requests())
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -731,75 +550,31 @@ impl Store for MssqlStore {
         to: TransitionTarget,
         event: AuditEvent,
     ) -> StoreResult<Transition> {
-        let (to, event) = (&to, &event);
-        let from = transition_slots(from);
-        self.run("transition", |mut c| {
-            Box::pin(async move {
-                c.begin().await?;
-                let result = async {
-                    let now = to_db_time(OffsetDateTime::now_utc());
-                    let last_error = to.last_error.as_deref();
-                    let sql = null_slots(&self.sql.transition_device, [(3, last_error.is_none())]);
-                    let row = c
-                        .query_opt(
-                            "transition",
-                            &sql,
-                            &[
-                                &id,
-                                &to.state.as_str(),
-                                &last_error.unwrap_or_default(),
-                                &now,
-                                &to.release_factory,
-                                &from[0],
-                                &from[1],
-                                &from[2],
-                                &from[3],
-                                &from[4],
-                            ],
-                        )
-                        .await?;
-                    let Some(row) = row else {
-                        let found = c
-                            .query_opt("transition: state", &self.sql.device_state, &[&id])
-                            .await?;
-                        return Err(match found {
-                            None => StoreError::NotFound(format!("device {id}")),
-                            Some(row) => StoreError::WrongState {
-                                device: id.to_owned(),
-                                actual: rows::text(&row, "state")?.parse()?,
-                            },
-                        });
-                    };
-                    let previous = rows::text(&row, "previous")?.parse::<DeviceState>()?;
-                    insert_change(&mut c, &self.sql, &self.origin, id, ChangeKind::State).await?;
-                    let mut revoked = Vec::new();
-                    if let Some(reason) = to.revoke_credentials.as_deref() {
-                        let rows = c
-                            .query(
-                                "transition: revoke credentials",
-                                &self.sql.revoke_device_credentials,
-                                &[&id, &now, &reason],
-                            )
-                            .await?;
-                        revoked = collect(rows, |row| rows::text(row, "serial"))?;
-                        revoked.sort();
-                        if !revoked.is_empty() {
-                            let kind = ChangeKind::Credentials;
-                            insert_change(&mut c, &self.sql, &self.origin, id, kind).await?;
-                        }
-                    }
-                    insert_event(&mut c, &self.sql, event).await?;
-                    Ok(Transition {
-                        from: previous,
-                        to: to.state,
-                        revoked,
-                    })
-                }
-                .await;
-                c.finish(result).await
-            })
+        let feed = self.feed();
+        let request = writes::transition(&self.sql, id, from, &to, &event, feed);
+        let sets = self.one_trip("transition", &request).await?;
+        let row = outcome(&sets)
+            .ok_or_else(|| StoreError::Database("a transition returned no outcome".into()))?;
+        let state = rows::opt_text(row, "previous")?;
+        let Some(state) = state else {
+            return Err(StoreError::NotFound(format!("device {id}")));
+        };
+        let state = state.parse::<DeviceState>()?;
+        if rows::int32(row, "changed")? == 0 {
+            return Err(StoreError::WrongState {
+                device: id.to_owned(),
+                actual: state,
+            });
+        }
+        let mut revoked: Vec<String> = rows::opt_text(row, "revoked")?
+            .map(|list| list.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
+        revoked.sort();
+        Ok(Transition {
+            from: state,
+            to: to.state,
+            revoked,
         })
-        .await
     }
 
     async fn set_firmware_version(&self, id: &str, version: &str) -> StoreResult<()> {
@@ -848,15 +623,23 @@ impl Store for MssqlStore {
         &self,
         commit: EnrollmentCommit,
     ) -> StoreResult<EnrollmentCommitted> {
-        let commit = &commit;
-        self.run("commit_enrollment", |mut c| {
-            Box::pin(async move {
-                c.begin().await?;
-                let result = commit_enrollment_body(&mut c, &self.sql, &self.origin, commit).await;
-                c.finish(result).await
-            })
+        let request = writes::commit_enrollment(&self.sql, &commit, self.feed());
+        let sets = self
+            .one_trip("commit_enrollment", &request)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => StoreError::Conflict(format!(
+                    "enrollment {}/{}: {m}",
+                    commit.device_id, commit.request_id
+                )),
+                other => other,
+            })?;
+        let row = outcome(&sets)
+            .ok_or_else(|| StoreError::Database("insert config returned no row".into()))?;
+        Ok(EnrollmentCommitted {
+            config: rows::config(row)?,
+            generation: commit.expected_generation.map_or(1, |g| g + 1),
         })
-        .await
     }
 
     async fn pending_activations(&self) -> StoreResult<Vec<PendingActivation>> {
@@ -895,16 +678,8 @@ impl Store for MssqlStore {
         serial: &str,
         event: AuditEvent,
     ) -> StoreResult<bool> {
-        let event = &event;
-        self.run("activate", |mut c| {
-            Box::pin(async move {
-                c.begin().await?;
-                let result =
-                    activate_body(&mut c, &self.sql, &self.origin, device_id, serial, event).await;
-                c.finish(result).await
-            })
-        })
-        .await
+        let request = writes::activate(&self.sql, device_id, serial, &event, self.feed());
+        changed(&self.one_trip("activate", &request).await?)
     }
 
     async fn expire_enrollment(
@@ -913,16 +688,8 @@ impl Store for MssqlStore {
         serial: &str,
         event: AuditEvent,
     ) -> StoreResult<bool> {
-        let event = &event;
-        self.run("expire_enrollment", |mut c| {
-            Box::pin(async move {
-                c.begin().await?;
-                let result =
-                    expire_body(&mut c, &self.sql, &self.origin, device_id, serial, event).await;
-                c.finish(result).await
-            })
-        })
-        .await
+        let request = writes::expire_enrollment(&self.sql, device_id, serial, &event, self.feed());
+        changed(&self.one_trip("expire_enrollment", &request).await?)
     }
 
     // ---- credentials --------------------------------------------------------------------
@@ -956,19 +723,19 @@ impl Store for MssqlStore {
         credential: &Credential,
         event: AuditEvent,
     ) -> StoreResult<()> {
-        let event = &event;
-        self.run("insert_credential", |mut c| {
-            Box::pin(async move {
-                c.begin().await?;
-                let result = async {
-                    insert_credential_row(&mut c, &self.sql, credential).await?;
-                    insert_event(&mut c, &self.sql, event).await
+        let request = writes::insert_credential(&self.sql, credential, &event);
+        self.one_trip("insert_credential", &request)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => {
+                    StoreError::Conflict(format!("credential {} already exists", credential.serial))
                 }
-                .await;
-                c.finish(result).await
-            })
-        })
-        .await
+                StoreError::NotFound(_) => {
+                    StoreError::NotFound(format!("device {}", credential.device_id))
+                }
+                other => other,
+            })?;
+        Ok(())
     }
 
     async fn mark_credential_used(&self, serial: &str) -> StoreResult<bool> {
@@ -1124,34 +891,24 @@ impl Store for MssqlStore {
         created_by: &str,
         event: AuditEvent,
     ) -> StoreResult<DeviceConfig> {
-        let (body, event) = (&body, &event);
         // Two writers computing the same next version collide on the primary key; the loser
         // simply takes the following version.
         let mut collisions = 0;
         loop {
-            let result = self
-                .run("insert_config", |mut c| {
-                    Box::pin(async move {
-                        c.begin().await?;
-                        let result = async {
-                            let now = OffsetDateTime::now_utc();
-                            let config = insert_next_config(
-                                &mut c, &self.sql, device_id, body, created_by, now,
-                            )
-                            .await?;
-                            let kind = ChangeKind::Config;
-                            insert_change(&mut c, &self.sql, &self.origin, device_id, kind).await?;
-                            insert_event(&mut c, &self.sql, event).await?;
-                            Ok(config)
-                        }
-                        .await;
-                        c.finish(result).await
-                    })
-                })
-                .await;
-            match result {
+            let request =
+                writes::insert_config(&self.sql, device_id, &body, created_by, &event, self.feed());
+            match self.one_trip("insert_config", &request).await {
+                Ok(sets) => {
+                    let row = outcome(&sets).ok_or_else(|| {
+                        StoreError::Database("insert config returned no row".into())
+                    })?;
+                    return rows::config(row);
+                }
                 Err(StoreError::Conflict(_)) if collisions < 3 => collisions += 1,
-                other => return other,
+                Err(StoreError::NotFound(_)) => {
+                    return Err(StoreError::NotFound(format!("device {device_id}")))
+                }
+                Err(other) => return Err(other),
             }
         }
     }
@@ -1163,80 +920,24 @@ impl Store for MssqlStore {
         failed_error: Option<&str>,
         event: AuditEvent,
     ) -> StoreResult<bool> {
-        let event = &event;
-        self.run("ack_config", |mut c| {
-            Box::pin(async move {
-                c.begin().await?;
-                let result = async {
-                    let now = to_db_time(OffsetDateTime::now_utc());
-                    let n = match failed_error {
-                        None => {
-                            c.execute(
-                                "ack_config: applied",
-                                &self.sql.ack_config_applied,
-                                &[&device_id, &version, &now],
-                            )
-                            .await?
-                        }
-                        Some(error) => {
-                            c.execute(
-                                "ack_config: failed",
-                                &self.sql.ack_config_failed,
-                                &[&device_id, &version, &error],
-                            )
-                            .await?
-                        }
-                    };
-                    if n == 0 {
-                        return Ok(false);
-                    }
-                    insert_event(&mut c, &self.sql, event).await?;
-                    Ok(true)
-                }
-                .await;
-                c.finish(result).await
-            })
-        })
-        .await
+        let now = OffsetDateTime::now_utc();
+        let request = writes::ack_config(&self.sql, device_id, version, failed_error, &event, now);
+        changed(&self.one_trip("ack_config", &request).await?)
     }
 
     // ---- firmware -----------------------------------------------------------------------
 
     async fn insert_firmware_job(&self, job: &FirmwareJob, event: AuditEvent) -> StoreResult<()> {
-        let event = &event;
-        self.run("insert_firmware_job", |mut c| {
-            Box::pin(async move {
-                c.begin().await?;
-                let result = async {
-                    let created_at = to_db_time(job.created_at);
-                    let updated_at = to_db_time(job.updated_at);
-                    c.execute(
-                        "insert_firmware_job",
-                        &null_slots(&self.sql.insert_firmware_job, [(8, job.error.is_none())]),
-                        &[
-                            &job.job_id.as_str(),
-                            &job.device_id.as_str(),
-                            &job.version.as_str(),
-                            &job.url.as_str(),
-                            &job.sha256.as_str(),
-                            &job.size,
-                            &job.status.as_str(),
-                            &job.error.as_deref().unwrap_or_default(),
-                            &job.created_by.as_str(),
-                            &created_at,
-                            &updated_at,
-                        ],
-                    )
-                    .await?;
-                    let (device_id, kind) = (job.device_id.as_str(), ChangeKind::Firmware);
-                    insert_change(&mut c, &self.sql, &self.origin, device_id, kind).await?;
-                    insert_event(&mut c, &self.sql, event).await
+        let request = writes::insert_firmware_job(&self.sql, job, &event, &self.origin);
+        self.one_trip("insert_firmware_job", &request)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => {
+                    StoreError::NotFound(format!("device {}", job.device_id))
                 }
-                .await;
-                c.finish(result).await
-            })
-        })
-        .await
+                other => other,
+            })?;
+        Ok(())
     }
 
     async fn firmware_job(
@@ -1277,43 +978,15 @@ impl Store for MssqlStore {
         error: Option<&str>,
         event: AuditEvent,
     ) -> StoreResult<bool> {
-        let event = &event;
-        let from = status.predecessors();
-        self.run("advance_firmware_job", |mut c| {
-            Box::pin(async move {
-                c.begin().await?;
-                let result = async {
-                    let now = to_db_time(OffsetDateTime::now_utc());
-                    let n = c
-                        .execute(
-                            "advance_firmware_job",
-                            &null_slots(&self.sql.advance_firmware_job, [(4, error.is_none())]),
-                            &[
-                                &job_id,
-                                &device_id,
-                                &status.as_str(),
-                                &error.unwrap_or_default(),
-                                &now,
-                                &from[0],
-                                &from[1],
-                                &from[2],
-                                &from[3],
-                            ],
-                        )
-                        .await?;
-                    if n == 0 {
-                        return Ok(false);
-                    }
-                    let kind = ChangeKind::Firmware;
-                    insert_change(&mut c, &self.sql, &self.origin, device_id, kind).await?;
-                    insert_event(&mut c, &self.sql, event).await?;
-                    Ok(true)
-                }
-                .await;
-                c.finish(result).await
-            })
-        })
-        .await
+        let request = writes::advance_firmware_job(
+            &self.sql,
+            (job_id, device_id),
+            status,
+            error,
+            &event,
+            self.feed(),
+        );
+        changed(&self.one_trip("advance_firmware_job", &request).await?)
     }
 
     // ---- audit --------------------------------------------------------------------------

@@ -24,9 +24,6 @@ pub fn from_db_time(at: PrimitiveDateTime) -> OffsetDateTime {
     at.assume_utc()
 }
 
-/// Stand-in value sent for an absent optional time (the statement never reads it).
-pub const ABSENT_TIME: PrimitiveDateTime = time::macros::datetime!(2000-01-01 0:00);
-
 /// Rewrite `sql` so that each placeholder `@Pn` whose value is absent reads `NULL` instead.
 ///
 /// tiberius encodes a `None` parameter with the untyped NULL wire type, which SQL Server

@@ -109,6 +109,9 @@ pub fn lock_resource(schema: &SchemaName) -> String {
 pub struct Migration {
     pub version: i32,
     pub name: &'static str,
+    /// A query that returns a row when the database needs none of the statements (the
+    /// migration is then only recorded).
+    pub skip_when: Option<&'static str>,
     /// Statements run in order inside one transaction.
     pub statements: &'static [&'static str],
 }
@@ -125,10 +128,13 @@ pub const CREATE_MIGRATIONS_TABLE: &str = "IF NOT EXISTS (SELECT 1 FROM sys.tabl
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "initial schema",
+    // Identifier columns are created with migration 4's binary collation (databases created
+    // before it was added get it from migration 4).
+    skip_when: None,
     statements: &[
         // The inventory: one row per device.
         "CREATE TABLE {schema}.onboard_devices (\
-            id nvarchar(128) NOT NULL CONSTRAINT pk_onboard_devices PRIMARY KEY, \
+            id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL CONSTRAINT pk_onboard_devices PRIMARY KEY, \
             device_type nvarchar(128) NOT NULL, \
             model nvarchar(400) NULL, \
             location nvarchar(400) NULL, \
@@ -137,7 +143,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
                 CHECK (state IN (N'pending', N'enrolling', N'active', N'failed', N'revoked')), \
             credential_kind nvarchar(16) NULL CONSTRAINT ck_onboard_devices_kind \
                 CHECK (credential_kind IN (N'certificate', N'password')), \
-            current_serial nvarchar(128) NULL, \
+            current_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL, \
             generation bigint NOT NULL, \
             created_at datetime2 NOT NULL, \
             updated_at datetime2 NOT NULL, \
@@ -148,9 +154,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE INDEX ix_onboard_devices_state ON {schema}.onboard_devices (state) INCLUDE (device_type)",
         // Issued credentials; password credentials keep only a salted hash.
         "CREATE TABLE {schema}.onboard_credentials (\
-            serial nvarchar(128) NOT NULL CONSTRAINT pk_onboard_credentials PRIMARY KEY, \
+            serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL CONSTRAINT pk_onboard_credentials PRIMARY KEY, \
             fingerprint varbinary(32) NOT NULL, \
-            device_id nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             kind nvarchar(16) NOT NULL CONSTRAINT ck_onboard_credentials_kind \
                 CHECK (kind IN (N'certificate', N'password')), \
             password_hash nvarchar(400) NULL, \
@@ -166,7 +172,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE INDEX ix_onboard_credentials_revoked ON {schema}.onboard_credentials (revoked_at)",
         // Configuration versions per device.
         "CREATE TABLE {schema}.onboard_device_configs (\
-            device_id nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             version bigint NOT NULL, \
             body nvarchar(max) NOT NULL, \
             created_by nvarchar(128) NOT NULL, \
@@ -176,27 +182,27 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             CONSTRAINT pk_onboard_device_configs PRIMARY KEY (device_id, version))",
         // Answered enrollments, for idempotent retries.
         "CREATE TABLE {schema}.onboard_enrollments (\
-            device_id nvarchar(128) NOT NULL, \
-            request_id nvarchar(128) NOT NULL, \
-            serial nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
+            request_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
+            serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             response nvarchar(max) NOT NULL, \
             created_at datetime2 NOT NULL, \
             CONSTRAINT pk_onboard_enrollments PRIMARY KEY (device_id, request_id))",
         // The audit log.
         "CREATE TABLE {schema}.onboard_events (\
             id bigint IDENTITY(1,1) NOT NULL CONSTRAINT pk_onboard_events PRIMARY KEY, \
-            device_id nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             occurred_at datetime2 NOT NULL, \
             event_name nvarchar(64) NOT NULL, \
             detail nvarchar(max) NOT NULL, \
             actor nvarchar(128) NOT NULL, \
-            request_id nvarchar(128) NULL)",
+            request_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL)",
         "CREATE INDEX ix_onboard_events_device_at ON {schema}.onboard_events (device_id, occurred_at, id)",
         // Firmware update jobs; `seq` orders jobs of one device by creation.
         "CREATE TABLE {schema}.onboard_firmware_jobs (\
-            job_id nvarchar(64) NOT NULL CONSTRAINT pk_onboard_firmware_jobs PRIMARY KEY, \
+            job_id nvarchar(64) COLLATE Latin1_General_100_BIN2 NOT NULL CONSTRAINT pk_onboard_firmware_jobs PRIMARY KEY, \
             seq bigint IDENTITY(1,1) NOT NULL, \
-            device_id nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             version nvarchar(128) NOT NULL, \
             url nvarchar(2048) NOT NULL, \
             sha256 nvarchar(128) NOT NULL, \
@@ -209,7 +215,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE INDEX ix_onboard_firmware_jobs_device ON {schema}.onboard_firmware_jobs (device_id, seq)",
         // Replies to admin commands, for idempotent retries.
         "CREATE TABLE {schema}.onboard_admin_replies (\
-            request_id nvarchar(256) NOT NULL CONSTRAINT pk_onboard_admin_replies PRIMARY KEY, \
+            request_id nvarchar(256) COLLATE Latin1_General_100_BIN2 NOT NULL CONSTRAINT pk_onboard_admin_replies PRIMARY KEY, \
             reply nvarchar(max) NOT NULL, \
             created_at datetime2 NOT NULL)",
     ],
@@ -217,27 +223,81 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 Migration {
     version: 2,
     name: "factory issuer binding",
+    skip_when: None,
     statements: &[
-        "ALTER TABLE {schema}.onboard_devices ADD factory_issuer nvarchar(400) NULL, \
-            factory_serial nvarchar(128) NULL",
+        // One column per statement: Babelfish refuses a COLLATE clause in a multi-column ADD.
+        "ALTER TABLE {schema}.onboard_devices ADD factory_issuer nvarchar(400) NULL",
+        "ALTER TABLE {schema}.onboard_devices ADD factory_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
     ],
 },
 Migration {
     version: 3,
     name: "change feed",
+    skip_when: None,
     statements: &[
         // What other gateways sharing the database must apply: written in the transaction of
         // the change, polled by id.
         "CREATE TABLE {schema}.onboard_changes (\
             id bigint IDENTITY(1,1) NOT NULL CONSTRAINT pk_onboard_changes PRIMARY KEY, \
-            device_id nvarchar(128) NOT NULL, \
+            device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL, \
             kind nvarchar(16) NOT NULL CONSTRAINT ck_onboard_changes_kind \
                 CHECK (kind IN (N'credentials', N'state', N'config', N'firmware')), \
             origin nvarchar(64) NOT NULL, \
             occurred_at datetime2 NOT NULL)",
         "CREATE INDEX ix_onboard_changes_at ON {schema}.onboard_changes (occurred_at)",
     ],
+},
+Migration {
+    version: 4,
+    name: "identifiers compare exactly (binary collation)",
+    skip_when: Some(
+        "SELECT 1 AS done FROM sys.columns AS c \
+         WHERE c.object_id = OBJECT_ID(N'{schema}.onboard_devices') AND c.name = N'id' \
+         AND UPPER(c.collation_name) LIKE N'%BIN2'",
+    ),
+    // The server's default collation compares case- and accent-insensitively: `ab` would find
+    // `AB`'s row. Every identifier column gets a binary collation; keys and indexes over one
+    // are dropped around the change and recreated as they were.
+    statements: &[
+        "ALTER TABLE {schema}.onboard_devices DROP CONSTRAINT pk_onboard_devices",
+        "ALTER TABLE {schema}.onboard_devices ALTER COLUMN id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_devices ALTER COLUMN current_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
+        "ALTER TABLE {schema}.onboard_devices ADD CONSTRAINT pk_onboard_devices PRIMARY KEY (id)",
+        "DROP INDEX ix_onboard_credentials_device ON {schema}.onboard_credentials",
+        "ALTER TABLE {schema}.onboard_credentials DROP CONSTRAINT pk_onboard_credentials",
+        "ALTER TABLE {schema}.onboard_credentials ALTER COLUMN serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_credentials ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_credentials ADD CONSTRAINT pk_onboard_credentials PRIMARY KEY (serial)",
+        "CREATE INDEX ix_onboard_credentials_device ON {schema}.onboard_credentials (device_id)",
+        "ALTER TABLE {schema}.onboard_device_configs DROP CONSTRAINT pk_onboard_device_configs",
+        "ALTER TABLE {schema}.onboard_device_configs ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_device_configs ADD CONSTRAINT pk_onboard_device_configs PRIMARY KEY (device_id, version)",
+        "ALTER TABLE {schema}.onboard_enrollments DROP CONSTRAINT pk_onboard_enrollments",
+        "ALTER TABLE {schema}.onboard_enrollments ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_enrollments ALTER COLUMN request_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_enrollments ALTER COLUMN serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_enrollments ADD CONSTRAINT pk_onboard_enrollments PRIMARY KEY (device_id, request_id)",
+        "DROP INDEX ix_onboard_events_device_at ON {schema}.onboard_events",
+        "ALTER TABLE {schema}.onboard_events ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_events ALTER COLUMN request_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
+        "CREATE INDEX ix_onboard_events_device_at ON {schema}.onboard_events (device_id, occurred_at, id)",
+        "DROP INDEX ix_onboard_firmware_jobs_device ON {schema}.onboard_firmware_jobs",
+        "ALTER TABLE {schema}.onboard_firmware_jobs DROP CONSTRAINT pk_onboard_firmware_jobs",
+        "ALTER TABLE {schema}.onboard_firmware_jobs ALTER COLUMN job_id nvarchar(64) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_firmware_jobs ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_firmware_jobs ADD CONSTRAINT pk_onboard_firmware_jobs PRIMARY KEY (job_id)",
+        "CREATE INDEX ix_onboard_firmware_jobs_device ON {schema}.onboard_firmware_jobs (device_id, seq)",
+        "ALTER TABLE {schema}.onboard_admin_replies DROP CONSTRAINT pk_onboard_admin_replies",
+        "ALTER TABLE {schema}.onboard_admin_replies ALTER COLUMN request_id nvarchar(256) COLLATE Latin1_General_100_BIN2 NOT NULL",
+        "ALTER TABLE {schema}.onboard_admin_replies ADD CONSTRAINT pk_onboard_admin_replies PRIMARY KEY (request_id)",
+        "ALTER TABLE {schema}.onboard_devices ALTER COLUMN factory_serial nvarchar(128) COLLATE Latin1_General_100_BIN2 NULL",
+        "ALTER TABLE {schema}.onboard_changes ALTER COLUMN device_id nvarchar(128) COLLATE Latin1_General_100_BIN2 NOT NULL",
+    ],
 }];
+
+/// The collation of every identifier column (migration 4): code-point comparison.
+#[cfg(test)]
+pub const ID_COLLATION: &str = "Latin1_General_100_BIN2";
 
 /// Creates the schema when it does not exist yet (never run for `dbo`). `CREATE SCHEMA` must
 /// be alone in its batch, hence the dynamic SQL; `@P1` is the bare schema name.
@@ -420,7 +480,15 @@ async fn run_statements(
     schema: &SchemaName,
     migration: &Migration,
 ) -> StoreResult<()> {
-    for statement in migration.statements {
+    let skip = match migration.skip_when {
+        Some(query) => !conn
+            .query("migration check", &render(query, schema), &[])
+            .await?
+            .is_empty(),
+        None => false,
+    };
+    let statements = if skip { &[][..] } else { migration.statements };
+    for statement in statements {
         conn.batch("migration statement", &render(statement, schema))
             .await?;
     }
@@ -478,6 +546,68 @@ mod tests {
         assert_eq!(pending(MIGRATIONS, &[99]).len(), MIGRATIONS.len());
     }
 
+    /// The conversion of older databases to the binary collation.
+    const COLLATION_MIGRATION: &Migration = &MIGRATIONS[3];
+
+    #[test]
+    fn every_identifier_column_gets_the_binary_collation() {
+        let collated: Vec<&str> = COLLATION_MIGRATION
+            .statements
+            .iter()
+            .filter(|s| s.contains("ALTER COLUMN"))
+            .copied()
+            .collect();
+        for (table, column) in [
+            ("onboard_devices", "id"),
+            ("onboard_devices", "current_serial"),
+            ("onboard_credentials", "serial"),
+            ("onboard_credentials", "device_id"),
+            ("onboard_device_configs", "device_id"),
+            ("onboard_enrollments", "device_id"),
+            ("onboard_enrollments", "request_id"),
+            ("onboard_enrollments", "serial"),
+            ("onboard_events", "device_id"),
+            ("onboard_events", "request_id"),
+            ("onboard_firmware_jobs", "job_id"),
+            ("onboard_firmware_jobs", "device_id"),
+            ("onboard_admin_replies", "request_id"),
+            ("onboard_devices", "factory_serial"),
+            ("onboard_changes", "device_id"),
+        ] {
+            let needle = format!("{{schema}}.{table} ALTER COLUMN {column} ");
+            let statement = collated
+                .iter()
+                .find(|s| s.contains(&needle))
+                .unwrap_or_else(|| panic!("{table}.{column} keeps the default collation"));
+            assert!(
+                statement.contains(&format!("COLLATE {ID_COLLATION} ")),
+                "{statement}"
+            );
+        }
+        // Every key or index dropped is created again.
+        for statement in COLLATION_MIGRATION.statements {
+            if let Some(rest) = statement.split("DROP CONSTRAINT ").nth(1) {
+                assert!(
+                    COLLATION_MIGRATION
+                        .statements
+                        .iter()
+                        .any(|s| s.contains(&format!("ADD CONSTRAINT {rest} PRIMARY KEY"))),
+                    "{rest}"
+                );
+            }
+            if let Some(rest) = statement.strip_prefix("DROP INDEX ") {
+                let name = rest.split(' ').next().unwrap_or_default();
+                assert!(
+                    COLLATION_MIGRATION
+                        .statements
+                        .iter()
+                        .any(|s| s.starts_with(&format!("CREATE INDEX {name} "))),
+                    "{name}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn lock_codes() {
         assert_eq!(lock_outcome(0), LockOutcome::Granted);
@@ -492,7 +622,7 @@ mod tests {
     fn templates() -> Vec<&'static str> {
         MIGRATIONS
             .iter()
-            .flat_map(|m| m.statements.iter().copied())
+            .flat_map(|m| m.statements.iter().copied().chain(m.skip_when))
             .chain([
                 CREATE_MIGRATIONS_TABLE,
                 CREATE_SCHEMA,

@@ -5,6 +5,7 @@
 //! are always parameters (`@P1`, `@P2`, ...); the only text spliced in is the validated
 //! [`SchemaName`].
 
+use super::batch::NOT_FOUND;
 use super::rows::{
     CONFIG_COLUMNS, CREDENTIAL_COLUMNS, DEVICE_COLUMNS, EVENT_COLUMNS, FIRMWARE_COLUMNS,
 };
@@ -38,11 +39,18 @@ statements! {
     insert_device_for_enrollment,
     insert_credential,
     revoke_device_credentials,
+    /// `revoke_device_credentials` without reading the serials back (inside a batch).
+    revoke_device_credentials_quietly,
+    /// Raise `batch::NOT_FOUND` unless the device exists.
+    require_device,
+    /// Read a device's state into the batch variable `@previous_state`.
+    read_device_state,
+    /// Copy a device's unrevoked serials into the batch table variable `@revoked`.
+    unrevoked_serials_into,
     /// Insert configuration version latest + 1 (1 for the first) and return the new row.
     insert_next_config,
-    /// Guarded state change: from one of five state slots; returns the state left.
+    /// Guarded state change: from one of five state slots.
     transition_device,
-    device_state,
     insert_firmware_job,
     /// Forward-only job progress: from one of four status slots.
     advance_firmware_job,
@@ -119,7 +127,6 @@ impl Statements {
                  d.factory_serial = CASE WHEN d.factory_issuer IS NULL \
                  THEN CAST(@P12 AS nvarchar(128)) ELSE d.factory_serial END, \
                  d.factory_issuer = COALESCE(d.factory_issuer, CAST(@P11 AS nvarchar(400))) \
-                 OUTPUT INSERTED.generation \
                  FROM {s}.onboard_devices AS d \
                  WHERE d.id = @P1 AND d.generation = @P10 AND d.state <> N'revoked' \
                  AND (d.factory_issuer IS NULL \
@@ -148,6 +155,23 @@ impl Statements {
                  FROM {s}.onboard_credentials AS c \
                  WHERE c.device_id = @P1 AND c.revoked_at IS NULL"
             ),
+            revoke_device_credentials_quietly: format!(
+                "UPDATE c SET c.revoked_at = @P2, c.revoke_reason = @P3 \
+                 FROM {s}.onboard_credentials AS c \
+                 WHERE c.device_id = @P1 AND c.revoked_at IS NULL"
+            ),
+            require_device: format!(
+                "IF NOT EXISTS (SELECT 1 FROM {s}.onboard_devices AS d WHERE d.id = @P1) \
+                 THROW {NOT_FOUND}, N'no such device', 1"
+            ),
+            read_device_state: format!(
+                "SELECT @previous_state = d.state FROM {s}.onboard_devices AS d WHERE d.id = @P1"
+            ),
+            unrevoked_serials_into: format!(
+                "INSERT INTO @revoked (serial) SELECT c.serial \
+                 FROM {s}.onboard_credentials AS c \
+                 WHERE c.device_id = @P1 AND c.revoked_at IS NULL"
+            ),
             insert_next_config: format!(
                 "INSERT INTO {s}.onboard_device_configs \
                  (device_id, version, body, created_by, created_at) \
@@ -162,11 +186,9 @@ impl Statements {
                  d.last_error = CAST(@P3 AS nvarchar(max)), d.updated_at = @P4, \
                  d.factory_issuer = CASE WHEN @P5 = 1 THEN NULL ELSE d.factory_issuer END, \
                  d.factory_serial = CASE WHEN @P5 = 1 THEN NULL ELSE d.factory_serial END \
-                 OUTPUT DELETED.state AS previous \
                  FROM {s}.onboard_devices AS d \
                  WHERE d.id = @P1 AND d.state IN (@P6, @P7, @P8, @P9, @P10)"
             ),
-            device_state: format!("SELECT d.state FROM {s}.onboard_devices AS d WHERE d.id = @P1"),
             insert_firmware_job: format!(
                 "INSERT INTO {s}.onboard_firmware_jobs \
                  (job_id, device_id, version, url, sha256, size, status, error, created_by, \

@@ -45,6 +45,9 @@ pub struct Target {
     pub has_password: bool,
     pub encrypt: bool,
     pub trust_server_certificate: bool,
+    /// Whether a CA file was given to check the server's certificate with (besides the
+    /// system's roots).
+    pub server_ca: bool,
     /// The schema holding the store's tables.
     pub schema: SchemaName,
 }
@@ -70,8 +73,8 @@ impl fmt::Debug for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Target({self}, encrypt={}, trust_server_certificate={})",
-            self.encrypt, self.trust_server_certificate
+            "Target({self}, encrypt={}, trust_server_certificate={}, server_ca={})",
+            self.encrypt, self.trust_server_certificate, self.server_ca
         )
     }
 }
@@ -187,6 +190,7 @@ fn parse_url(text: &str) -> StoreResult<Parsed> {
     } else {
         EncryptionLevel::Off
     });
+    let server_ca = ca.is_some();
     if trust {
         config.trust_cert();
     } else if let Some(ca) = ca {
@@ -206,6 +210,7 @@ fn parse_url(text: &str) -> StoreResult<Parsed> {
         has_password,
         encrypt,
         trust_server_certificate: trust,
+        server_ca,
         schema,
     };
     Ok(Parsed { config, target })
@@ -231,6 +236,7 @@ fn parse_ado(text: &str) -> StoreResult<Parsed> {
         has_password: false,
         encrypt: true,
         trust_server_certificate: false,
+        server_ca: false,
         schema: schema.unwrap_or_default(),
     };
     for (key, value) in ado_pairs(&for_tiberius) {
@@ -248,10 +254,41 @@ fn parse_ado(text: &str) -> StoreResult<Parsed> {
                 target.trust_server_certificate =
                     matches!(value.to_ascii_lowercase().as_str(), "true" | "yes")
             }
+            "trustservercertificateca" => target.server_ca = true,
             _ => {}
         }
     }
     Ok(Parsed { config, target })
+}
+
+/// Parse `url` and apply the `[store]` settings on how the server's certificate is checked:
+/// `trust_server_certificate` (or the connection string's own option) accepts any
+/// certificate, `ca_file` adds a CA to trust; the two exclude each other.
+pub fn parse_with(url: &str, store: &crate::config::StoreConfig) -> StoreResult<Parsed> {
+    let mut parsed = parse(url)?;
+    let trust = parsed.target.trust_server_certificate || store.trust_server_certificate;
+    let ca = store.ca_file.as_ref();
+    if trust && (ca.is_some() || parsed.target.server_ca) {
+        return Err(StoreError::InvalidUrl(
+            "trust_server_certificate and a CA file to check the server with exclude each other"
+                .into(),
+        ));
+    }
+    if let Some(ca) = ca {
+        if !ca.is_file() {
+            return Err(StoreError::InvalidUrl(format!(
+                "[store] ca_file {} is not a readable file",
+                ca.display()
+            )));
+        }
+        parsed.config.trust_cert_ca(ca.display());
+        parsed.target.server_ca = true;
+    }
+    if store.trust_server_certificate && !parsed.target.trust_server_certificate {
+        parsed.config.trust_cert();
+        parsed.target.trust_server_certificate = true;
+    }
+    Ok(parsed)
 }
 
 /// Lower-case, without spaces, `_` and `-`: `Trust_Server-Certificate` -> `trustservercertificate`.
@@ -664,6 +701,65 @@ mod tests {
         assert!(matches!(parse(&long), Err(StoreError::InvalidUrl(_))));
         let longest = format!("mssql://db/x?schema={}", "s".repeat(64));
         assert!(parse(&longest).is_ok());
+    }
+
+    #[test]
+    fn store_settings_decide_how_the_server_certificate_is_checked() {
+        use crate::config::StoreConfig;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write");
+        let ado = "server=tcp:db,1433;database=x;user id=u;password=p";
+        let verify = StoreConfig::default();
+        let p = parse_with(ado, &verify).expect("parses");
+        assert!(!p.target.trust_server_certificate && !p.target.server_ca);
+
+        let with_ca = StoreConfig {
+            ca_file: Some(ca.clone()),
+            ..StoreConfig::default()
+        };
+        let p = parse_with(ado, &with_ca).expect("parses");
+        assert!(p.target.server_ca && !p.target.trust_server_certificate);
+        let p = parse_with("mssql://u:p@db/x", &with_ca).expect("parses");
+        assert!(p.target.server_ca);
+
+        let trusting = StoreConfig {
+            trust_server_certificate: true,
+            ..StoreConfig::default()
+        };
+        let p = parse_with(ado, &trusting).expect("parses");
+        assert!(p.target.trust_server_certificate);
+        // The connection string's own option still works for a development server.
+        let p = parse_with(&format!("{ado};TrustServerCertificate=true"), &verify).expect("ado");
+        assert!(p.target.trust_server_certificate);
+        let p = parse_with("mssql://db/x?trust_server_certificate=true", &trusting).expect("url");
+        assert!(p.target.trust_server_certificate);
+
+        for (url, config) in [
+            (format!("{ado};TrustServerCertificate=true"), &with_ca),
+            (
+                ado.to_owned(),
+                &StoreConfig {
+                    ca_file: Some(ca.clone()),
+                    ..trusting.clone()
+                },
+            ),
+            (
+                format!("mssql://db/x?trust_server_certificate_ca={}", ca.display()),
+                &trusting,
+            ),
+        ] {
+            let err = parse_with(&url, config).expect_err(&url);
+            assert!(matches!(err, StoreError::InvalidUrl(_)), "{err:?}");
+        }
+        let missing = StoreConfig {
+            ca_file: Some(dir.path().join("absent.pem")),
+            ..StoreConfig::default()
+        };
+        assert!(matches!(
+            parse_with(ado, &missing),
+            Err(StoreError::InvalidUrl(_))
+        ));
     }
 
     #[test]
