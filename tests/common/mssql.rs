@@ -129,6 +129,9 @@ impl Scratch {
     pub fn config(&self) -> StoreConfig {
         StoreConfig {
             url: self.url.clone(),
+            // A bound on a hung query, not a speed check: Babelfish compiles every batch anew,
+            // and an enrollment's batch takes seconds there while the tests run in parallel.
+            query_timeout_ms: 60_000,
             ..StoreConfig::default()
         }
     }
