@@ -2,13 +2,11 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::harness::*;
 use serde_json::json;
 
 fn onboard(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_onboard"))
+    let out = onboard_command()
         .args(args)
         .current_dir(dir)
         .env("ONBOARD_PKI_DIR", dir.join("certs"))

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ fn toml_string(text: &str) -> String {
 
 /// Start `onboard serve` in `dir` and return it with its mTLS address (read from its banner).
 fn serve(dir: &std::path::Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_onboard"))
+    let mut child = onboard_command()
         .args(["serve", "--config", "onboard.toml"])
         .current_dir(dir)
         .stdout(Stdio::null())

@@ -62,7 +62,7 @@ fn serve(dir: &Path) -> Served {
         ),
     )
     .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_onboard"))
+    let mut child = onboard_command()
         .args(["serve", "--config", "onboard.toml"])
         .current_dir(dir)
         .stdout(Stdio::null())

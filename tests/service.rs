@@ -377,7 +377,7 @@ async fn an_online_backup_is_a_valid_store_with_the_devices() {
 
     // The backup opens as a store with the devices enrolled before it.
     let backup_url = format!("sqlite://{}", dir.path().join("backup.db").display());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_onboard"))
+    let out = onboard_command()
         .args(["devices", "list", "--format", "json"])
         .current_dir(dir.path())
         .env("ONBOARD_CONFIG", dir.path().join("onboard.toml"))
@@ -397,7 +397,7 @@ async fn an_online_backup_is_a_valid_store_with_the_devices() {
     // Never over an existing file; SQL Server is pointed at its own backups.
     let (ok, _, err) = onboard_in(dir.path(), &["store", "backup", "--out", "backup.db"]);
     assert!(!ok && err.contains("already exists"), "{err}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_onboard"))
+    let out = onboard_command()
         .args(["store", "backup", "--out", "x.db"])
         .current_dir(dir.path())
         .env("ONBOARD_CONFIG", dir.path().join("onboard.toml"))

@@ -22,6 +22,18 @@ use tokio::sync::mpsc;
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The `onboard` binary, as a command without the tests' own settings (`ONBOARD_TEST_*`):
+/// they are not configuration, and the gateway refuses unknown `ONBOARD_` variables.
+pub fn onboard_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_onboard"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ONBOARD_TEST_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// A gateway on ephemeral loopback ports with its own PKI directory and SQLite file, or, when
 /// `ONBOARD_TEST_MSSQL_URL` is set, its own scratch schema on that SQL Server (see
 /// [`super::mssql`]).

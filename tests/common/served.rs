@@ -4,7 +4,7 @@
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,9 @@ use onboard::config::Config;
 use onboard::pki::{CertAndKey, CertOptions, Issuer, Pki};
 use rumqttc::MqttOptions;
 
-use super::harness::{client_tls, http_get, metric_value, options, test_config, WAIT};
+use super::harness::{
+    client_tls, http_get, metric_value, onboard_command, options, test_config, WAIT,
+};
 
 /// A running `onboard serve` child process.
 pub struct Served {
@@ -58,7 +60,7 @@ pub fn init_pki(dir: &Path) -> Config {
 
 /// Run `onboard ARGS` in `dir` with its configuration file; (success, stdout, stderr).
 pub fn onboard_in(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_onboard"))
+    let out = onboard_command()
         .args(args)
         .current_dir(dir)
         .env("ONBOARD_CONFIG", dir.join("onboard.toml"))
@@ -76,7 +78,7 @@ impl Served {
     /// Start `onboard serve ARGS` in `dir` (whose `onboard.toml` must exist) and wait until it
     /// says where it listens.
     pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_onboard"));
+        let mut command = onboard_command();
         command
             .arg("serve")
             .args(args)
