@@ -195,8 +195,8 @@ pub struct LimitsConfig {
     pub write_timeout_ms: u64,
     /// Credentials one device may be issued (enrollments and renewals) per rolling hour.
     pub credentials_per_device_per_hour: u32,
-    /// Connections one source address may have in the TLS handshake or before CONNECT at
-    /// once; past it a new socket is closed at once (`too_many_handshakes`).
+    /// Connections one source (an IPv4 address, or an IPv6 /64 prefix) may have in the TLS
+    /// handshake or before CONNECT at once; past it a new socket is closed at once (`too_many_handshakes`).
     pub max_handshakes_per_source: usize,
     /// Refusals that name no one (scans, floods) are audited as one row per reason per this
     /// many milliseconds, with the count and a few sample sources.

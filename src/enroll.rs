@@ -38,8 +38,6 @@ use crate::topics;
 pub const MAX_REQUEST_ID: usize = 64;
 /// Longest accepted metadata field (model, location, firmware version, device type).
 pub const MAX_FIELD: usize = 128;
-/// How long the factory certificate of a device that hung up is remembered for its requests.
-const FACTORY_MEMORY: Duration = Duration::from_secs(120);
 
 /// Back-off suggested when the store is down.
 const UNAVAILABLE_RETRY_MS: u64 = 5_000;
@@ -441,13 +439,17 @@ impl Enroller {
         self.answered
             .retain(|(device, _), a| a.at.elapsed() < ttl && self.lifecycle.is_awaiting(device));
         self.locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-        self.sessions.prune_factories(FACTORY_MEMORY);
     }
 
     /// Handle one request of `device_id` and publish the answer on `enroll/D/response`
     /// through the broker (bootstrap sessions the broker holds).
-    pub async fn handle(&self, device_id: &str, payload: &[u8]) -> Value {
-        let response = self.answer(device_id, payload).await;
+    pub async fn handle(
+        &self,
+        device_id: &str,
+        payload: &[u8],
+        factory: Option<&FactoryIdentity>,
+    ) -> Value {
+        let response = self.answer(device_id, payload, factory).await;
         self.link.publish(
             &topics::enroll_response(device_id),
             serde_json::to_vec(&response).unwrap_or_default(),
@@ -456,13 +458,19 @@ impl Enroller {
     }
 
     /// Handle one request of `device_id` and return the answer (the caller delivers it).
-    pub async fn answer(&self, device_id: &str, payload: &[u8]) -> Value {
+    /// `factory`: the certificate of the bootstrap connection the request came through.
+    pub async fn answer(
+        &self,
+        device_id: &str,
+        payload: &[u8],
+        factory: Option<&FactoryIdentity>,
+    ) -> Value {
         let started = Instant::now();
         let (request_id, outcome) = match validate(payload, &self.config, &self.templates) {
             Err((id, rejection)) => (id, Err(rejection)),
             Ok(v) => {
                 let id = v.request_id.clone();
-                (Some(id), self.enroll(device_id, v).await)
+                (Some(id), self.enroll(device_id, v, factory.cloned()).await)
             }
         };
         let role = Role::Bootstrap.as_str();
@@ -517,6 +525,7 @@ impl Enroller {
         &self,
         device_id: &str,
         req: Validated,
+        factory: Option<FactoryIdentity>,
     ) -> Result<(Value, &'static str), Rejection> {
         let key = (device_id.to_owned(), req.request_id.clone());
         if let Some(answer) = self.remembered(&key) {
@@ -586,7 +595,6 @@ impl Enroller {
             }
             _ => {}
         }
-        let factory = self.sessions.factory(device_id);
         if let Some(d) = &device {
             self.check_issuer(d, factory.as_ref())?;
             self.check_quota(device_id).await?;

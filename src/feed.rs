@@ -17,7 +17,7 @@
 //! Ids increase, but on SQL Server a transaction may commit after one that took a later id:
 //! an id skipped over is waited for (up to [`GAP_WAIT`]) before it is given up as a rollback.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -134,9 +134,13 @@ impl Feed {
 
     /// Read and apply everything new. On an error the cursor is left where it was, so the
     /// changes are read (and applied) again at the next poll.
+    /// Applying reads the device's current state, so one part of one device is applied once
+    /// per poll however many changes name it (an enrollment wave on another gateway, a device
+    /// acking configurations in a loop): the store reads follow the devices changed, not the
+    /// rows written.
     pub async fn poll_once(&self, cursor: &mut Cursor) -> Result<usize, StoreError> {
         let mut next = cursor.clone();
-        let mut applied = 0;
+        let mut applied: HashSet<(String, ChangeKind)> = HashSet::new();
         let mut after = next.read_after();
         loop {
             let page = self
@@ -146,14 +150,19 @@ impl Feed {
             let full = page.len() == PAGE as usize;
             after = page.last().map_or(after, |c| c.id);
             for change in next.accept(page, Instant::now()) {
-                if change.origin != self.store.origin() {
-                    self.apply(&change).await?;
-                    self.metrics
-                        .changes_applied
-                        .with_label_values(&[change.kind.as_str()])
-                        .inc();
-                    applied += 1;
+                if change.origin == self.store.origin() {
+                    continue;
                 }
+                let part = (change.device_id.clone(), change.kind);
+                if applied.contains(&part) {
+                    continue;
+                }
+                self.apply(&change).await?;
+                self.metrics
+                    .changes_applied
+                    .with_label_values(&[change.kind.as_str()])
+                    .inc();
+                applied.insert(part);
             }
             if !full {
                 break;
@@ -161,7 +170,7 @@ impl Feed {
         }
         next.expire(Instant::now(), GAP_WAIT);
         *cursor = next;
-        Ok(applied)
+        Ok(applied.len())
     }
 
     /// Read the changed part of the device again and make this gateway agree with it.

@@ -503,7 +503,7 @@ async fn handle(message: &Inbound, enroller: &Enroller, admin: &Admin) {
     let payload = &message.payload;
     match topics::for_gateway(&message.topic) {
         Some(ForGateway::EnrollRequest(id)) => {
-            enroller.handle(id, payload).await;
+            enroller.handle(id, payload, message.factory.as_ref()).await;
         }
         Some(ForGateway::ConfigAck(id)) => admin.config_ack(id, payload).await,
         Some(ForGateway::FirmwareStatus(id)) => admin.firmware_status(id, payload).await,

@@ -12,21 +12,6 @@ use common::served::{config_file, onboard_in, Served};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::json;
 
-/// Hold SQLite's write lock from another connection until the returned sender is dropped.
-fn lock_store(path: std::path::PathBuf) -> std::sync::mpsc::Sender<()> {
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let conn = rusqlite::Connection::open(path).expect("open");
-        conn.execute_batch("BEGIN EXCLUSIVE").expect("lock");
-        locked_tx.send(()).expect("signal");
-        let _ = rx.recv();
-        conn.execute_batch("ROLLBACK").expect("unlock");
-    });
-    locked_rx.recv_timeout(WAIT).expect("store locked");
-    tx
-}
-
 /// A loopback port free right now, so a restarted gateway listens where the device connects.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

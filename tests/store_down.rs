@@ -12,21 +12,6 @@ use onboard::store::DeviceState;
 use rumqttc::QoS;
 use serde_json::json;
 
-/// Hold SQLite's write lock from another connection until the returned sender is dropped.
-fn lock_store(path: std::path::PathBuf) -> std::sync::mpsc::Sender<()> {
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let conn = rusqlite::Connection::open(path).expect("open");
-        conn.execute_batch("BEGIN EXCLUSIVE").expect("lock");
-        locked_tx.send(()).expect("signal");
-        let _ = rx.recv();
-        conn.execute_batch("ROLLBACK").expect("unlock");
-    });
-    locked_rx.recv_timeout(WAIT).expect("store locked");
-    tx
-}
-
 /// How the test takes the store down and brings it back.
 enum Outage {
     /// SQLite: the file, locked while the sender lives.

@@ -64,6 +64,10 @@ const CONNECT_BUFFER: usize = 1024;
 pub struct Inbound {
     pub topic: String,
     pub payload: Bytes,
+    /// The factory certificate of the bootstrap connection that published it (enrollment
+    /// requests): it travels with the request, so a request is judged by the certificate it
+    /// came through, whatever connects under the same id meanwhile.
+    pub factory: Option<FactoryIdentity>,
 }
 
 /// What the rest of the gateway wants to hear from the front.
@@ -313,10 +317,18 @@ impl Front {
 
         drop(handshake);
         let role = identity.principal.role;
+        let factory = match (role, peer.as_ref()) {
+            (Role::Bootstrap, Some(peer)) => Some(FactoryIdentity {
+                issuer: peer.issuer.clone(),
+                serial: peer.serial.clone(),
+            }),
+            _ => None,
+        };
         let admitted = Admitted {
             identity,
             packet,
             remote,
+            factory,
             kill: shutdown.child_token(),
         };
         let identity = &admitted.identity;
@@ -326,14 +338,6 @@ impl Front {
             &identity.serial,
             admitted.kill.clone(),
         );
-        if let (Role::Bootstrap, Some(peer)) = (role, peer.as_ref()) {
-            let factory = FactoryIdentity {
-                issuer: peer.issuer.clone(),
-                serial: peer.serial.clone(),
-            };
-            self.sessions
-                .record_factory(&identity.principal.id, factory);
-        }
         let gauge = self.metrics.connections.with_label_values(&[role.as_str()]);
         gauge.inc();
         tracing::debug!(device_id = %identity.principal.id, role = role.as_str(), remote = %admitted.remote, "client connected");
@@ -404,6 +408,8 @@ struct Admitted {
     identity: Identity,
     packet: codec::ConnectPacket,
     remote: SocketAddr,
+    /// A bootstrap connection's factory certificate.
+    factory: Option<FactoryIdentity>,
     /// Cancelled to disconnect it (revocation, session take-over, shutdown).
     kill: CancellationToken,
 }

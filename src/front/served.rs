@@ -266,6 +266,7 @@ impl Served<'_> {
             let inbound = Inbound {
                 topic: topic.to_owned(),
                 payload: payload.clone(),
+                factory: self.admitted.factory.clone(),
             };
             if self.front.inbox.send(inbound).await.is_err() {
                 tracing::warn!(topic, "gateway inbox closed; message dropped");

@@ -1,15 +1,12 @@
-//! Live client connections, so that a revocation can disconnect a device at once and the
-//! enrollment service can tell which factory certificate a bootstrap connection used.
+//! Live client connections, so that a revocation can disconnect a device at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::pki::Role;
-use crate::store::FactoryIdentity;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -24,10 +21,6 @@ struct Entry {
 pub struct Sessions {
     by_id: DashMap<String, Vec<Entry>>,
     next: AtomicU64,
-    /// The factory certificate (issuer and serial) each device last bootstrapped with, and
-    /// when: kept after the connection closes (a request is often handled after its publisher
-    /// hung up) until [`Sessions::prune_factories`] finds it old and unused.
-    factories: DashMap<String, (FactoryIdentity, Instant)>,
 }
 
 /// Removes its session from the registry when dropped.
@@ -115,25 +108,6 @@ impl Sessions {
             .unwrap_or(0)
     }
 
-    /// Remember the factory certificate a bootstrap session of `key` connected with.
-    pub fn record_factory(&self, key: &str, factory: FactoryIdentity) {
-        self.factories
-            .insert(key.to_owned(), (factory, Instant::now()));
-    }
-
-    /// The factory certificate `key` last bootstrapped with.
-    pub fn factory(&self, key: &str) -> Option<FactoryIdentity> {
-        self.factories.get(key).map(|entry| entry.0.clone())
-    }
-
-    /// Forget the factory certificates of devices with no bootstrap session, recorded more
-    /// than `max_age` ago.
-    pub fn prune_factories(&self, max_age: Duration) {
-        self.factories.retain(|key, (_, at)| {
-            at.elapsed() < max_age || self.is_connected(key, Role::Bootstrap)
-        });
-    }
-
     pub fn is_connected(&self, key: &str, role: Role) -> bool {
         self.by_id
             .get(key)
@@ -157,23 +131,6 @@ mod tests {
         assert!(kill.is_cancelled());
         drop(guard);
         assert!(!sessions.is_connected("d1", Role::Device));
-        let factory = FactoryIdentity {
-            issuer: "CN=maker".into(),
-            serial: "f1".into(),
-        };
-        let boot = sessions.register("d1", Role::Bootstrap, "f1", CancellationToken::new());
-        sessions.record_factory("d1", factory.clone());
-        sessions.prune_factories(Duration::ZERO);
-        assert_eq!(
-            sessions.factory("d1"),
-            Some(factory.clone()),
-            "still connected"
-        );
-        drop(boot);
-        sessions.prune_factories(Duration::from_secs(60));
-        assert_eq!(sessions.factory("d1"), Some(factory), "recent");
-        sessions.prune_factories(Duration::ZERO);
-        assert_eq!(sessions.factory("d1"), None);
         assert_eq!(sessions.disconnect("d1"), 0);
     }
 

@@ -36,7 +36,7 @@ impl HandshakeSlots {
 
     /// A slot for `source`, or `None` if it already has `per_source` handshakes in progress.
     pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Option<HandshakeSlot> {
-        let source = source.to_canonical();
+        let source = source_of(source);
         let mut held = self.held();
         let count = held.entry(source).or_insert(0);
         if *count >= self.per_source {
@@ -59,6 +59,19 @@ impl HandshakeSlots {
         self.held
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The source an address counts under: an IPv4 address (IPv4-mapped IPv6 included) as itself,
+/// an IPv6 address by its /64 prefix, which one host or one site commonly owns whole (counting
+/// single IPv6 addresses would let one attacker use as many sources as it likes).
+fn source_of(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -105,6 +118,29 @@ mod tests {
             drop(slot);
         }
         assert_eq!(slots.sources(), 0);
+    }
+
+    #[test]
+    fn ipv6_addresses_of_one_64_prefix_are_one_source() {
+        let slots = HandshakeSlots::new(2);
+        let _a = slots
+            .try_acquire("2001:db8:1:2::1".parse().unwrap())
+            .unwrap();
+        let _b = slots
+            .try_acquire("2001:db8:1:2:ffff::9".parse().unwrap())
+            .unwrap();
+        assert!(
+            slots
+                .try_acquire("2001:db8:1:2::77".parse().unwrap())
+                .is_none(),
+            "a third address of the same /64"
+        );
+        assert!(
+            slots
+                .try_acquire("2001:db8:1:3::1".parse().unwrap())
+                .is_some(),
+            "another /64"
+        );
     }
 
     #[test]

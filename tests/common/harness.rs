@@ -22,6 +22,22 @@ use tokio::sync::mpsc;
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Take the SQLite store at `path` down for writers: hold its write lock from another
+/// connection until the returned sender is dropped.
+pub fn lock_store(path: std::path::PathBuf) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(path).expect("open");
+        conn.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+        locked_tx.send(()).expect("signal");
+        let _ = rx.recv();
+        conn.execute_batch("ROLLBACK").expect("unlock");
+    });
+    locked_rx.recv_timeout(WAIT).expect("store locked");
+    tx
+}
+
 /// The `onboard` binary, as a command without the tests' own settings (`ONBOARD_TEST_*`):
 /// they are not configuration, and the gateway refuses unknown `ONBOARD_` variables.
 pub fn onboard_command() -> std::process::Command {
