@@ -210,7 +210,7 @@ impl Default for LimitsConfig {
             max_queued_per_device: 100,
             write_timeout_ms: 10_000,
             credentials_per_device_per_hour: 10,
-            max_handshakes_per_source: 32,
+            max_handshakes_per_source: 256,
             anonymous_refusal_window_ms: 60_000,
         }
     }

@@ -543,11 +543,11 @@ impl Enroller {
         if let Some(answer) = self.remembered(&key) {
             return Ok((answer, "duplicate"));
         }
-        let stored = self
+        let (stored, device) = self
             .metrics
             .store_op(
-                "find_enrollment",
-                self.store.find_enrollment(device_id, &req.request_id),
+                "enrollment_context",
+                self.store.enrollment_context(device_id, &req.request_id),
             )
             .await
             .map_err(|e| Rejection::from_store(&e))?;
@@ -557,12 +557,6 @@ impl Enroller {
             self.still_valid(&stored.serial).await?;
             return Ok((stored.response, "duplicate"));
         }
-
-        let device = self
-            .metrics
-            .store_op("device", self.store.device(device_id))
-            .await
-            .map_err(|e| Rejection::from_store(&e))?;
         let mut reenrolled_from = None;
         match &device {
             Some(d) if d.state == DeviceState::Revoked => {

@@ -589,13 +589,22 @@ async fn over_the_rate_limit_requests_are_told_when_to_retry() {
     let id = "rate-01";
     let factory = t.factory(id);
     let mut c = Client::connect(t.mtls_options(id, &factory)).await.unwrap();
-    // A second's worth of burst, then the limit.
+    // A second's worth of burst, then the limit: the requests go out back to back, so however
+    // long the store takes to answer one, the others arrive within the same second.
+    let response_topic = format!("enroll/{id}/response");
+    c.subscribe(&response_topic, QoS::AtLeastOnce).await;
+    for i in 0..4 {
+        c.publish(
+            &format!("enroll/{id}/request"),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&json!({"request_id": format!("r{i}")})).unwrap(),
+        )
+        .await;
+    }
     let mut codes = Vec::new();
-    for i in 0..3 {
-        let resp = c
-            .request_enroll(id, &json!({"request_id": format!("r{i}")}))
-            .await;
-        codes.push(resp);
+    for _ in 0..4 {
+        codes.push(c.recv_json(&response_topic).await);
     }
     let limited = codes
         .iter()

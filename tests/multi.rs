@@ -60,7 +60,8 @@ async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other() {
 }
 
 /// The same on SQL Server, when `ONBOARD_TEST_MSSQL_URL` names one (its default schema; the
-/// device id is unique to the run, so the database need not be empty).
+/// device id, and the admin request ids made from it, are unique to the run, so the database
+/// need not be empty: request ids are the fleet's, and a reused one is answered as a replay).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_through_one_gateway_disconnects_the_device_on_the_other_on_sql_server() {
     let Ok(url) = std::env::var("ONBOARD_TEST_MSSQL_URL") else {
@@ -114,7 +115,7 @@ async fn two_gateways_on_one_store(store_url: Option<&str>, id: &str) {
     let reply = admin_command(
         &mut ops,
         &format!("admin/devices/{id}/config"),
-        json!({ "request_id": "c-1", "settings": { "target_temperature_c": 19.0 } }),
+        json!({ "request_id": format!("c-1-{id}"), "settings": { "target_temperature_c": 19.0 } }),
     )
     .await;
     assert_eq!(reply["status"], "ok", "{reply}");
@@ -135,7 +136,7 @@ async fn two_gateways_on_one_store(store_url: Option<&str>, id: &str) {
         &mut ops,
         &format!("admin/devices/{id}/firmware"),
         json!({
-            "request_id": "f-1", "version": "2.0.0", "url": "https://fw.example/t-2.0.0.bin",
+            "request_id": format!("f-1-{id}"), "version": "2.0.0", "url": "https://fw.example/t-2.0.0.bin",
             "sha256": "ab".repeat(32), "size": 1024,
         }),
     )
@@ -154,7 +155,7 @@ async fn two_gateways_on_one_store(store_url: Option<&str>, id: &str) {
     let reply = admin_command(
         &mut ops,
         &format!("admin/devices/{id}/revoke"),
-        json!({ "request_id": "v-1", "reason": "stolen" }),
+        json!({ "request_id": format!("v-1-{id}"), "reason": "stolen" }),
     )
     .await;
     assert_eq!(reply["status"], "ok", "{reply}");
@@ -172,9 +173,13 @@ async fn two_gateways_on_one_store(store_url: Option<&str>, id: &str) {
             &format!(r#"onboard_changes_applied_total{{kind="{kind}"}}"#),
         )
     };
-    let on_b = http_get(b.metrics_addr, "/metrics").await.1;
+    // (The revoke's two changes are applied one after the other: the first one closes the
+    // session, the second may still be reading the store.)
     for kind in ["config", "firmware", "credentials", "state"] {
-        assert!(applied(&on_b, kind) >= 1.0, "{kind} on B");
+        eventually(&format!("{kind} applied on B"), || async {
+            applied(&http_get(b.metrics_addr, "/metrics").await.1, kind) >= 1.0
+        })
+        .await;
     }
     let on_a = http_get(a.metrics_addr, "/metrics").await.1;
     assert_eq!(applied(&on_a, "config"), 0.0);

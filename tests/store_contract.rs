@@ -205,6 +205,7 @@ contract_tests!(
     firmware_progress_only_moves_forward,
     changes_are_fed_with_their_writes,
     reenrollment_is_bound_to_the_first_factory_issuer,
+    combined_reads_agree_with_the_single_ones,
 );
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -392,6 +393,45 @@ async fn retry_finds_stored_response_and_duplicate_request_conflicts(cx: Ctx) {
             .response,
         commit.response
     );
+}
+
+/// `enrollment_context` and `credential_and_device` (one round trip each on a server) answer
+/// exactly what their single reads answer, found or not, in every combination.
+async fn combined_reads_agree_with_the_single_ones(cx: Ctx) {
+    let s = &cx.store;
+    let d = cx.id("both");
+    let serial = cx.id("both-s1");
+    let nobody = cx.id("nobody");
+    let (stored, device) = s.enrollment_context(&d, "r-1").await.unwrap();
+    assert!(stored.is_none() && device.is_none());
+    assert_eq!(
+        s.credential_and_device(&serial, &d).await.unwrap(),
+        (None, None)
+    );
+
+    let commit = EnrollmentBuilder::new(&d, "r-1", &serial).build();
+    s.commit_enrollment(commit.clone()).await.unwrap();
+    let (stored, device) = s.enrollment_context(&d, "r-1").await.unwrap();
+    assert_eq!(stored.unwrap().response, commit.response);
+    assert_eq!(device, s.device(&d).await.unwrap());
+    assert_eq!(device.unwrap().state, DeviceState::Enrolling);
+    // Another request id of the same device: no answer, the device all the same.
+    let (stored, device) = s.enrollment_context(&d, "r-2").await.unwrap();
+    assert!(stored.is_none());
+    assert_eq!(device.unwrap().id, d);
+
+    let (credential, device) = s.credential_and_device(&serial, &d).await.unwrap();
+    assert_eq!(credential, s.credential(&serial).await.unwrap());
+    assert_eq!(credential.unwrap().device_id, d);
+    assert_eq!(device, s.device(&d).await.unwrap());
+    // Each half is looked up by its own key.
+    let (credential, device) = s.credential_and_device(&serial, &nobody).await.unwrap();
+    assert!(credential.is_some() && device.is_none());
+    let (credential, device) = s
+        .credential_and_device(&cx.id("no-serial"), &d)
+        .await
+        .unwrap();
+    assert!(credential.is_none() && device.is_some());
 }
 
 async fn failed_commit_leaves_nothing_behind(cx: Ctx) {

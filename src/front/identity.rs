@@ -341,9 +341,12 @@ impl Authenticator {
         serial: &str,
         kind: CredentialKind,
     ) -> Result<Identity, Refusal> {
-        let credential = self
+        let (credential, device) = self
             .metrics
-            .store_op("credential", self.store.credential(serial))
+            .store_op(
+                "credential_and_device",
+                self.store.credential_and_device(serial, device_id),
+            )
             .await
             .map_err(|e| unavailable(device_id, e))?;
         let Some(credential) = credential.filter(|c| c.device_id == device_id && c.kind == kind)
@@ -367,18 +370,13 @@ impl Authenticator {
                 ),
             ));
         }
-        let device = self
-            .metrics
-            .store_op("device", self.store.device(device_id))
-            .await
-            .map_err(|e| unavailable(device_id, e))?
-            .ok_or_else(|| {
-                Refusal::new(
-                    RefusalReason::UnknownCredential,
-                    Some(device_id),
-                    "unknown device",
-                )
-            })?;
+        let device = device.ok_or_else(|| {
+            Refusal::new(
+                RefusalReason::UnknownCredential,
+                Some(device_id),
+                "unknown device",
+            )
+        })?;
         if device.state == DeviceState::Revoked {
             return Err(Refusal::new(
                 RefusalReason::DeviceRevoked,

@@ -619,6 +619,17 @@ pub trait Store: Send + Sync + 'static {
         device_id: &str,
         request_id: &str,
     ) -> StoreResult<Option<StoredEnrollment>>;
+    /// What an enrollment request is judged by: the answer already given to
+    /// `(device_id, request_id)`, and the device. A backend with a server to call does both in
+    /// one round trip.
+    async fn enrollment_context(
+        &self,
+        device_id: &str,
+        request_id: &str,
+    ) -> StoreResult<(Option<StoredEnrollment>, Option<Device>)> {
+        let stored = self.find_enrollment(device_id, request_id).await?;
+        Ok((stored, self.device(device_id).await?))
+    }
     /// Atomically: upsert the device (state `enrolling`, generation + 1, metadata, deadline,
     /// current_serial), insert the credential, insert config version latest+1, record the
     /// enrollment `(device_id, request_id) -> response`, optionally revoke other credentials,
@@ -644,6 +655,16 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- credentials ------------------------------------------------------------------------
     async fn credential(&self, serial: &str) -> StoreResult<Option<Credential>>;
+    /// What an operational connection is judged by: the credential `serial` and device
+    /// `device_id` (the one its certificate or login names). One round trip on a server.
+    async fn credential_and_device(
+        &self,
+        serial: &str,
+        device_id: &str,
+    ) -> StoreResult<(Option<Credential>, Option<Device>)> {
+        let credential = self.credential(serial).await?;
+        Ok((credential, self.device(device_id).await?))
+    }
     async fn credentials_of(&self, device_id: &str) -> StoreResult<Vec<Credential>>;
     /// Insert one credential outside enrollment (certificate renewal), with its event.
     async fn insert_credential(

@@ -33,6 +33,10 @@ impl Isolation {
     }
 }
 
+/// `CREATE DATABASE` and `DROP DATABASE` run one at a time in a test process: Babelfish
+/// refuses concurrent ones ("tuple concurrently updated": they update one catalog row).
+static DATABASE_DDL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One test's place on the server.
 #[derive(Debug, Clone)]
 pub struct Scratch {
@@ -111,6 +115,7 @@ impl Scratch {
         let url = match isolation {
             Isolation::Schema => with_schema(&server_url, &name),
             Isolation::Database => {
+                let _one_at_a_time = DATABASE_DDL.lock().await;
                 MssqlStore::scratch_database(&server_url, &StoreConfig::default(), &name, true)
                     .await
                     .expect("create the scratch database");
@@ -129,9 +134,6 @@ impl Scratch {
     pub fn config(&self) -> StoreConfig {
         StoreConfig {
             url: self.url.clone(),
-            // A bound on a hung query, not a speed check: Babelfish compiles every batch anew,
-            // and an enrollment's batch takes seconds there while the tests run in parallel.
-            query_timeout_ms: 60_000,
             ..StoreConfig::default()
         }
     }
@@ -147,14 +149,17 @@ impl Scratch {
                     .map_err(|e| e.to_string())?;
                 store.drop_schema().await.map_err(|e| e.to_string())
             }
-            Isolation::Database => MssqlStore::scratch_database(
-                &self.server_url,
-                &StoreConfig::default(),
-                &self.name,
-                false,
-            )
-            .await
-            .map_err(|e| e.to_string()),
+            Isolation::Database => {
+                let _one_at_a_time = DATABASE_DDL.lock().await;
+                MssqlStore::scratch_database(
+                    &self.server_url,
+                    &StoreConfig::default(),
+                    &self.name,
+                    false,
+                )
+                .await
+                .map_err(|e| e.to_string())
+            }
         }
     }
 

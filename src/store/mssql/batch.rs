@@ -155,6 +155,15 @@ pub struct Request<'a> {
 }
 
 impl<'a> Batch<'a> {
+    /// The statements as they are, no transaction around them (reads, each with its own
+    /// result set).
+    pub fn into_reads(self) -> Request<'a> {
+        Request {
+            text: self.body,
+            params: self.params,
+        }
+    }
+
     /// The request for [`Batch::transaction`] with `outcome`.
     pub fn into_request(self, outcome: &str) -> Request<'a> {
         Request {
@@ -166,11 +175,12 @@ impl<'a> Batch<'a> {
 
 /// Requests sent to the server (statements, batches, transaction control), counted by every
 /// connection of one store. Logins and the session options set once per connection are
-/// counted apart, in `connects`.
+/// counted apart, in `connects`, and the creation of the store's procedures in `prepares`.
 #[derive(Debug, Clone, Default)]
 pub struct RoundTrips {
     requests: Arc<AtomicU64>,
     connects: Arc<AtomicU64>,
+    prepares: Arc<AtomicU64>,
 }
 
 impl RoundTrips {
@@ -182,6 +192,15 @@ impl RoundTrips {
     /// Connections opened so far (login and session options).
     pub fn connects(&self) -> u64 {
         self.connects.load(Ordering::Relaxed)
+    }
+
+    /// Procedures created so far (once per statement and process, see `procs`).
+    pub fn prepares(&self) -> u64 {
+        self.prepares.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_prepare(&self) {
+        self.prepares.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_request(&self) {

@@ -1,6 +1,7 @@
 //! One pooled connection: a tiberius client plus the bookkeeping that keeps a connection in an
 //! unknown state (cancelled request, open transaction) from ever going back to the pool.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tiberius::{Client, ColumnData, Config, Row, ToSql};
@@ -9,6 +10,7 @@ use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
 use super::batch::{Request, RoundTrips};
 use super::errors::{breaks_connection, classify};
+use super::procs::{self, Procedure, Procedures};
 use super::url::Target;
 use crate::store::{StoreError, StoreResult};
 
@@ -50,6 +52,13 @@ fn refuse_null_parameters(context: &str, params: &[&dyn ToSql]) -> StoreResult<(
     }
 }
 
+/// How a request failed: the driver's error (not yet classified), or the store's own (a
+/// timeout).
+enum QueryFailure {
+    Server(tiberius::error::Error),
+    Store(StoreError),
+}
+
 /// A live session to the server.
 pub struct Connection {
     client: TdsClient,
@@ -64,6 +73,16 @@ pub struct Connection {
     query_timeout: Duration,
     /// Counts every request this connection sends.
     round_trips: RoundTrips,
+    /// The store's statements as procedures (see `procs`).
+    procedures: Arc<Procedures>,
+}
+
+/// The server's error number, if `err` is a server error.
+fn server_code(err: &tiberius::error::Error) -> Option<u32> {
+    match err {
+        tiberius::error::Error::Server(token) => Some(token.code()),
+        _ => None,
+    }
 }
 
 impl Connection {
@@ -120,12 +139,59 @@ impl Connection {
         sql: &str,
         params: &[&dyn ToSql],
     ) -> StoreResult<Vec<Row>> {
+        self.query_with(context, sql, params, true).await
+    }
+
+    /// [`Connection::query`], always as text: for the store's own housekeeping of procedures.
+    pub async fn query_as_text(
+        &mut self,
+        context: &str,
+        sql: &str,
+        params: &[&dyn ToSql],
+    ) -> StoreResult<Vec<Row>> {
+        self.query_with(context, sql, params, false).await
+    }
+
+    async fn query_with(
+        &mut self,
+        context: &str,
+        sql: &str,
+        params: &[&dyn ToSql],
+        as_procedure: bool,
+    ) -> StoreResult<Vec<Row>> {
         refuse_null_parameters(context, params)?;
+        let procedure = if as_procedure {
+            let values: Vec<ColumnData<'_>> = params.iter().map(|p| p.to_sql()).collect();
+            self.procedure(sql, &values).await
+        } else {
+            None
+        };
+        let text = procedure.as_ref().map_or(sql, |p| p.call.as_str());
+        match self.send_query(context, text, params).await {
+            Err(QueryFailure::Server(e)) if self.dropped(procedure.as_ref(), &e) => {
+                match self.send_query(context, sql, params).await {
+                    Ok(rows) => Ok(rows),
+                    Err(QueryFailure::Server(e)) => Err(self.fail(context, e)),
+                    Err(QueryFailure::Store(e)) => Err(e),
+                }
+            }
+            Ok(rows) => Ok(rows),
+            Err(QueryFailure::Server(e)) => Err(self.fail(context, e)),
+            Err(QueryFailure::Store(e)) => Err(e),
+        }
+    }
+
+    async fn send_query(
+        &mut self,
+        context: &str,
+        text: &str,
+        params: &[&dyn ToSql],
+    ) -> Result<Vec<Row>, QueryFailure> {
         self.busy = true;
         self.round_trips.count_request();
         let client = &mut self.client;
         let result = tokio::time::timeout(self.query_timeout, async move {
-            client.query(sql, params).await?.into_first_result().await
+            client.query(text, params).await?.into_first_result().await
         })
         .await;
         match result {
@@ -135,9 +201,75 @@ impl Connection {
             }
             Ok(Err(e)) => {
                 self.busy = false;
-                Err(self.fail(context, e))
+                Err(QueryFailure::Server(e))
             }
-            Err(_) => Err(self.timed_out(context)),
+            Err(_) => Err(QueryFailure::Store(self.timed_out(context))),
+        }
+    }
+
+    /// The procedure to call for `text` with `values`, created first if need be; `None` to
+    /// send the text itself (see `procs`).
+    async fn procedure(&mut self, text: &str, values: &[ColumnData<'_>]) -> Option<Procedure> {
+        let (procedure, exists) = self.procedures.lookup(text, values)?;
+        if exists {
+            return Some(procedure);
+        }
+        if self.in_transaction {
+            return None;
+        }
+        self.busy = true;
+        self.round_trips.count_prepare();
+        let client = &mut self.client;
+        let create = procedure.create.as_str();
+        let result = tokio::time::timeout(self.query_timeout, async move {
+            client.simple_query(create).await?.into_results().await
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => {
+                self.busy = false;
+                self.procedures.created(&procedure.name);
+                Some(procedure)
+            }
+            Ok(Err(e)) => {
+                self.busy = false;
+                match server_code(&e) {
+                    Some(procs::ALREADY_EXISTS) => {
+                        self.procedures.created(&procedure.name);
+                        return Some(procedure);
+                    }
+                    Some(code) if procs::is_permission_error(code) => {
+                        tracing::warn!(
+                            code,
+                            "this login may not create procedures: statements are sent as text"
+                        );
+                        self.procedures.disable();
+                    }
+                    _ => {
+                        tracing::debug!(error = %e, "procedure not created; statement sent as text");
+                        if breaks_connection(&e) {
+                            self.broken = true;
+                        }
+                    }
+                }
+                None
+            }
+            Err(_) => {
+                // The connection is in an unknown state: `busy` stays set, it is discarded.
+                None
+            }
+        }
+    }
+
+    /// Whether `err` says that `procedure` (just called) no longer exists: forgotten, so the
+    /// caller sends the text instead and the next use creates it again.
+    fn dropped(&self, procedure: Option<&Procedure>, err: &tiberius::error::Error) -> bool {
+        match procedure {
+            Some(p) if server_code(err) == Some(procs::NOT_FOUND) => {
+                self.procedures.forget(&p.name);
+                !self.broken
+            }
+            _ => false,
         }
     }
 
@@ -190,7 +322,34 @@ impl Connection {
                 i + 1
             )));
         }
-        let mut query = tiberius::Query::new(request.text.as_str());
+        let procedure = self.procedure(&request.text, &request.params).await;
+        let text = procedure
+            .as_ref()
+            .map_or(request.text.as_str(), |p| p.call.as_str());
+        let result = match self.send_request(context, text, request).await {
+            Err(QueryFailure::Server(e)) if self.dropped(procedure.as_ref(), &e) => {
+                self.send_request(context, &request.text, request).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(sets) => Ok(sets),
+            Err(QueryFailure::Server(e)) => {
+                let error = self.fail(context, e);
+                self.rollback().await;
+                Err(error)
+            }
+            Err(QueryFailure::Store(e)) => Err(e),
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        context: &str,
+        text: &str,
+        request: &Request<'_>,
+    ) -> Result<Vec<Vec<Row>>, QueryFailure> {
+        let mut query = tiberius::Query::new(text);
         for param in &request.params {
             query.bind(param.clone());
         }
@@ -208,11 +367,9 @@ impl Connection {
             }
             Ok(Err(e)) => {
                 self.busy = false;
-                let error = self.fail(context, e);
-                self.rollback().await;
-                Err(error)
+                Err(QueryFailure::Server(e))
             }
-            Err(_) => Err(self.timed_out(context)),
+            Err(_) => Err(QueryFailure::Store(self.timed_out(context))),
         }
     }
 
@@ -267,6 +424,8 @@ pub struct Manager {
     query_timeout: Duration,
     /// Shared with every connection this manager opens.
     round_trips: RoundTrips,
+    /// Shared with every connection this manager opens; off until the schema is migrated.
+    procedures: Arc<Procedures>,
     /// Why the latest connection attempt failed (cleared by a success). The pool opens
     /// connections in the background, so a checkout that times out reports this reason.
     last_error: LastError,
@@ -301,6 +460,11 @@ impl Manager {
         self.round_trips.clone()
     }
 
+    /// The store's procedures (see `procs`), shared by every connection this manager opens.
+    pub fn procedures(&self) -> Arc<Procedures> {
+        self.procedures.clone()
+    }
+
     fn remember(&self, result: &StoreResult<Connection>) {
         self.last_error
             .set(result.as_ref().err().map(ToString::to_string));
@@ -319,9 +483,10 @@ impl Manager {
         config.command_timeout(Some(query_timeout + Duration::from_secs(1)));
         Manager {
             config,
-            target,
             connect_timeout,
             query_timeout,
+            procedures: Arc::new(Procedures::new(&target.schema, false)),
+            target,
             round_trips: RoundTrips::default(),
             last_error: LastError::default(),
         }
@@ -347,6 +512,7 @@ impl Manager {
                         in_transaction: false,
                         query_timeout: self.query_timeout,
                         round_trips: RoundTrips::default(),
+                        procedures: self.procedures.clone(),
                     };
                     // XACT_ABORT: any error aborts and rolls back the whole transaction, so a
                     // failed statement can never leave half a transaction behind. Set at batch

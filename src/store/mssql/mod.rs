@@ -9,6 +9,8 @@
 //! - `statements`: every statement, rendered once per store with its bracket-quoted schema.
 //! - `errors`: server error numbers to [`StoreError`], and the retry back-off.
 //! - `rows`: pure row-to-domain conversions.
+//! - `procs`: each statement as a stored procedure created on first use (parsed once by the
+//!   server, not on every call).
 //!
 //! Every statement is parameterised (`@P1`, `@P2`, ...) and bounded by
 //! `[store] query_timeout_ms`. Each trait method that writes more than one row is one
@@ -23,6 +25,7 @@
 mod batch;
 mod conn;
 mod errors;
+mod procs;
 mod rows;
 mod schema;
 mod statements;
@@ -35,7 +38,7 @@ use futures::future::BoxFuture;
 use tiberius::ToSql;
 use time::OffsetDateTime;
 
-use self::batch::Request;
+use self::batch::{arg, Batch, Request};
 use self::conn::{Connection, LastError, Manager};
 use self::rows::{int64, json_text, null_slots, to_db_time};
 use self::statements::Statements;
@@ -122,6 +125,7 @@ impl MssqlStore {
         );
         let last_connect_error = manager.last_error();
         let round_trips = manager.round_trips();
+        let procedures = manager.procedures();
         let pool = bb8::Pool::builder()
             .max_size(config.pool_size.max(1))
             .connection_timeout(connect_timeout)
@@ -141,6 +145,8 @@ impl MssqlStore {
             origin: new_origin(),
         };
         store.migrate(query_timeout).await?;
+        // Statements go as procedures once the tables they name exist.
+        procedures.enable();
         tracing::info!(target = %store.target, pool_size = config.pool_size, "SQL Server store ready");
         Ok(store)
     }
@@ -289,6 +295,19 @@ impl MssqlStore {
         .await
     }
 
+    /// Send `request` (reads only, one result set per statement) in one round trip; the `N`
+    /// result sets, in order.
+    async fn read_sets<const N: usize>(
+        &self,
+        op: &'static str,
+        request: &Request<'_>,
+    ) -> StoreResult<[Vec<tiberius::Row>; N]> {
+        let sets = self.one_trip(op, request).await?;
+        let found = sets.len();
+        <[Vec<tiberius::Row>; N]>::try_from(sets)
+            .map_err(|_| StoreError::Corrupt(format!("{op}: {found} result sets, expected {N}")))
+    }
+
     /// This instance's stamp and the current time, for the change-feed rows of a batch.
     fn feed(&self) -> writes::Feed<'_> {
         writes::Feed {
@@ -427,6 +446,11 @@ fn changed(sets: &[Vec<tiberius::Row>]) -> StoreResult<bool> {
     let row =
         outcome(sets).ok_or_else(|| StoreError::Database("a write returned no outcome".into()))?;
     Ok(rows::int32(row, "changed")? > 0)
+}
+
+/// The first row of a result set (a lookup by key has at most one).
+fn first_row(rows: Vec<tiberius::Row>) -> Option<tiberius::Row> {
+    rows.into_iter().next()
 }
 
 fn collect<T>(
@@ -619,6 +643,24 @@ impl Store for MssqlStore {
         .await
     }
 
+    async fn enrollment_context(
+        &self,
+        device_id: &str,
+        request_id: &str,
+    ) -> StoreResult<(Option<StoredEnrollment>, Option<Device>)> {
+        let mut reads = Batch::new();
+        reads.statement(&self.sql.find_enrollment, [arg(device_id), arg(request_id)]);
+        reads.statement(&self.sql.device, [arg(device_id)]);
+        let request = reads.into_reads();
+        let [stored, device] = self.read_sets("enrollment_context", &request).await?;
+        Ok((
+            first_row(stored)
+                .map(|r| rows::enrollment(&r))
+                .transpose()?,
+            first_row(device).map(|r| rows::device(&r)).transpose()?,
+        ))
+    }
+
     async fn commit_enrollment(
         &self,
         commit: EnrollmentCommit,
@@ -705,6 +747,24 @@ impl Store for MssqlStore {
             })
         })
         .await
+    }
+
+    async fn credential_and_device(
+        &self,
+        serial: &str,
+        device_id: &str,
+    ) -> StoreResult<(Option<Credential>, Option<Device>)> {
+        let mut reads = Batch::new();
+        reads.statement(&self.sql.credential, [arg(serial)]);
+        reads.statement(&self.sql.device, [arg(device_id)]);
+        let request = reads.into_reads();
+        let [credential, device] = self.read_sets("credential_and_device", &request).await?;
+        Ok((
+            first_row(credential)
+                .map(|r| rows::credential(&r))
+                .transpose()?,
+            first_row(device).map(|r| rows::device(&r)).transpose()?,
+        ))
     }
 
     async fn credentials_of(&self, device_id: &str) -> StoreResult<Vec<Credential>> {

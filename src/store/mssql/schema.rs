@@ -305,6 +305,11 @@ pub const CREATE_SCHEMA: &str = "IF SCHEMA_ID(@P1) IS NULL EXEC(N'CREATE SCHEMA 
 
 /// Drops the (then empty) schema after its tables (never run for `dbo`); `@P1` is the bare
 /// schema name. Fails, leaving it in place, if something else still lives in it.
+/// The store's procedures in schema `@P1` (see `procs`).
+pub const LIST_PROCEDURES: &str = "SELECT p.name FROM sys.procedures AS p \
+     JOIN sys.schemas AS s ON s.schema_id = p.schema_id \
+     WHERE s.name = @P1 AND LEFT(p.name, 10) = 'onboard_p_'";
+
 pub const DROP_SCHEMA: &str = "IF SCHEMA_ID(@P1) IS NOT NULL EXEC(N'DROP SCHEMA {schema}')";
 
 /// Tables dropped by `drop_schema`, children first.
@@ -504,6 +509,24 @@ async fn run_statements(
 /// Drop every onboard table and the migrations table of `schema`, then the schema itself
 /// unless it is `dbo` (test clean-up).
 pub async fn drop_all(conn: &mut Connection, schema: &SchemaName) -> StoreResult<()> {
+    let procedures = conn
+        .query_as_text("drop schema", LIST_PROCEDURES, &[&schema.as_str()])
+        .await?;
+    for row in procedures {
+        let name: Option<&str> = row.get(0);
+        // Names the store made itself (`procs::PREFIX` and hex digits), checked again before
+        // they go into DDL.
+        if let Some(name) = name.filter(|n| {
+            n.starts_with(super::procs::PREFIX)
+                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        }) {
+            conn.batch(
+                "drop schema",
+                &format!("DROP PROCEDURE {}.[{name}]", schema.quoted()),
+            )
+            .await?;
+        }
+    }
     for statement in DROP_STATEMENTS {
         conn.batch("drop schema", &render(statement, schema))
             .await?;
