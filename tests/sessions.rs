@@ -1128,3 +1128,109 @@ async fn a_session_holds_at_most_64_filters() {
         SubscribeReasonCode::Success(QoS::AtMostOnce)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. QoS 1 to admins: the relay's window.
+
+/// An admin that acknowledges nothing yet: `n` telemetry publishes of device `id` on their way
+/// to it. Returns what it received within the wait.
+async fn unacknowledged_deliveries(
+    ops: &mut Raw,
+    device: &Client,
+    id: &str,
+    n: usize,
+) -> Vec<Publish> {
+    let topic = format!("devices/{id}/telemetry");
+    for i in 0..n {
+        device
+            .publish(&topic, QoS::AtLeastOnce, false, format!("{i}"))
+            .await;
+    }
+    let mut got = Vec::new();
+    while got.len() < n {
+        match ops.next_publish(WAIT).await {
+            Some(p) => got.push(p),
+            None => break,
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_clean_session_admin_gets_more_than_the_brokers_window_unacknowledged() {
+    let t = TestGateway::start().await;
+    let id = "win-1";
+    let cred = active_device(&t, id).await;
+    let device = Client::connect(device_options(&t, id, &cred, true))
+        .await
+        .expect("device connects");
+    let (mut ops, ack) = Raw::connect(
+        &t,
+        &t.admin("watcher"),
+        connect_packet("watcher", true, None),
+    )
+    .await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    ops.subscribe(1, &format!("devices/{id}/telemetry"), QoS::AtLeastOnce)
+        .await;
+
+    // rumqttd alone stops at 100 unacknowledged; the relay's window is larger.
+    const N: usize = 300;
+    let got = unacknowledged_deliveries(&mut ops, &device, id, N).await;
+    assert_eq!(got.len(), N, "deliveries without an acknowledgement");
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    assert_eq!(payloads, expected, "in order, each once");
+    assert!(got.iter().all(|p| p.qos == QoS::AtLeastOnce));
+    let ids: std::collections::HashSet<u16> = got.iter().map(|p| p.pkid).collect();
+    assert_eq!(
+        ids.len(),
+        N,
+        "a packet id of its own for each unacknowledged delivery"
+    );
+
+    // Acknowledged: nothing comes again, and what follows still flows.
+    for p in &got {
+        ops.puback(p.pkid).await;
+    }
+    assert!(
+        ops.next_publish(QUIET).await.is_none(),
+        "nothing redelivered"
+    );
+    let more = unacknowledged_deliveries(&mut ops, &device, id, 5).await;
+    assert_eq!(more.len(), 5);
+}
+
+#[tokio::test]
+async fn a_persistent_admin_session_gets_its_unacknowledged_deliveries_again() {
+    let t = TestGateway::start().await;
+    let id = "win-2";
+    let cred = active_device(&t, id).await;
+    let device = Client::connect(device_options(&t, id, &cred, true))
+        .await
+        .expect("device connects");
+    let admin_cert = t.admin("keeper");
+    let (mut ops, _) = Raw::connect(&t, &admin_cert, connect_packet("keeper", false, None)).await;
+    ops.subscribe(1, &format!("devices/{id}/telemetry"), QoS::AtLeastOnce)
+        .await;
+    let got = unacknowledged_deliveries(&mut ops, &device, id, 3).await;
+    assert_eq!(got.len(), 3);
+    drop(ops);
+    wait_no_connections(&t, "admin").await;
+
+    // Resumed: the three it never acknowledged come again.
+    let (mut ops, ack) = Raw::connect(&t, &admin_cert, connect_packet("keeper", false, None)).await;
+    assert!(ack.session_present);
+    let mut again = Vec::new();
+    while let Some(p) = ops.next_publish(WAIT).await {
+        again.push(String::from_utf8_lossy(&p.payload).into_owned());
+        ops.puback(p.pkid).await;
+        if again.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(again, ["0", "1", "2"]);
+}

@@ -25,6 +25,7 @@ mod served;
 pub mod session;
 pub mod sources;
 pub mod tally;
+pub mod window;
 
 pub use served::MAX_SUBSCRIPTIONS;
 

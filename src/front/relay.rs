@@ -9,7 +9,8 @@
 //! ([`crate::mailbox`]), where D's subscriptions live.
 //!
 //! Both directions are bounded: the halves talk through a small channel, and a client that
-//! stops reading is disconnected after `[limits] write_timeout_ms`.
+//! stops reading is disconnected after `[limits] write_timeout_ms`. A clean session's QoS 1
+//! deliveries go through the relay's own window ([`super::window`]), not rumqttd's 100.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 use super::codec::{self, kind, Frame};
 use super::identity::{Identity, Refusal, RefusalReason};
 use super::rules::{self, Action, Decision};
+use super::window::{AckWindow, RELAY_INFLIGHT};
 use super::{read_frame, Admitted, End, Front, READ_BUFFER};
 use crate::mailbox::{Message, SessionKey};
 use crate::topics::{self, Route};
@@ -68,14 +70,28 @@ impl Front {
         let keepalive_zero = packet.connect.keep_alive == 0;
         let (broker_rd, broker_wr) = broker_stream.into_split();
         let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
+        // Acknowledgements the relay owes the broker for a clean session's QoS 1 deliveries.
+        let (acks_tx, acks_rx) = mpsc::channel(RELAY_INFLIGHT);
+        let window = packet.connect.clean_session.then(AckWindow::default);
         let writer = ClientWriter {
             client: client_wr,
             timeout: self.write_timeout,
         };
+        let to_broker = ToBroker {
+            writer: broker_wr,
+            ctl: ctl_tx,
+            acks: acks_rx,
+            window: window.as_ref(),
+        };
+        let to_client = ToClient {
+            ctl: ctl_rx,
+            acks: acks_tx,
+            window: window.as_ref(),
+        };
         tokio::select! {
             _ = admitted.kill.cancelled() => End::Killed,
-            end = self.client_to_broker(identity, client_rd, broker_wr, buf, ctl_tx, keepalive_zero) => end,
-            end = broker_to_client(broker_rd, writer, ctl_rx, broker_pending, self.max_packet.max(1 << 20)) => end,
+            end = self.client_to_broker(identity, client_rd, to_broker, buf, keepalive_zero) => end,
+            end = broker_to_client(broker_rd, writer, to_client, broker_pending, self.max_packet.max(1 << 20)) => end,
         }
     }
 
@@ -144,15 +160,21 @@ impl Front {
         &self,
         identity: &Identity,
         mut client: R,
-        mut broker: W,
+        to_broker: ToBroker<'_, W>,
         mut buf: BytesMut,
-        ctl: mpsc::Sender<Control>,
         keepalive_zero: bool,
     ) -> End
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let ToBroker {
+            writer: mut broker,
+            ctl,
+            mut acks,
+            window,
+        } = to_broker;
+        let mut acks_open = true;
         let who = &identity.principal;
         let mut pinger = tokio::time::interval(KEEPALIVE_ZERO_PING);
         pinger.reset();
@@ -250,6 +272,21 @@ impl Front {
                         self.protocol_violation(who, "second CONNECT");
                         return End::Protocol;
                     }
+                    kind::PUBACK
+                        if window.is_some_and(|w| {
+                            codec::packet_id(bytes, frame.header_len)
+                                .is_some_and(|pkid| w.acknowledge(pkid))
+                        }) =>
+                    {
+                        // For a delivery of the relay's own window: it ends here (the broker
+                        // was acknowledged when it was passed on).
+                        let frame_len = frame.len;
+                        if pass > 0 && broker.write_all(&buf[..pass]).await.is_err() {
+                            return End::BrokerClosed;
+                        }
+                        let _ = buf.split_to(pass + frame_len);
+                        pass = 0;
+                    }
                     _ => pass += frame.len,
                 }
             }
@@ -267,6 +304,19 @@ impl Front {
                     Ok(0) | Err(_) => return End::ClientClosed,
                     Ok(_) => {}
                 },
+                first = acks.recv(), if acks_open => match first {
+                    Some(pkid) => {
+                        let mut out = BytesMut::with_capacity(64);
+                        out.extend_from_slice(&codec::ack(kind::PUBACK, pkid));
+                        while let Ok(pkid) = acks.try_recv() {
+                            out.extend_from_slice(&codec::ack(kind::PUBACK, pkid));
+                        }
+                        if broker.write_all(&out).await.is_err() {
+                            return End::BrokerClosed;
+                        }
+                    }
+                    None => acks_open = false,
+                },
                 _ = pinger.tick(), if keepalive_zero => {
                     let _ = ctl.send(Control::SwallowPingResp).await;
                     if broker.write_all(&codec::PINGREQ).await.is_err() {
@@ -276,6 +326,22 @@ impl Front {
             }
         }
     }
+}
+
+/// The client-to-broker half's ends: the broker's socket, what it tells the other half, and
+/// the acknowledgements the other half owes the broker.
+struct ToBroker<'w, W> {
+    writer: W,
+    ctl: mpsc::Sender<Control>,
+    acks: mpsc::Receiver<u16>,
+    window: Option<&'w AckWindow>,
+}
+
+/// The broker-to-client half's ends.
+struct ToClient<'w> {
+    ctl: mpsc::Receiver<Control>,
+    acks: mpsc::Sender<u16>,
+    window: Option<&'w AckWindow>,
 }
 
 /// Messages from the client-to-broker half to the broker-to-client half of one connection.
@@ -362,7 +428,7 @@ fn retained_frame(message: &Message) -> Bytes {
 async fn broker_to_client<R, W>(
     mut broker: R,
     mut client: ClientWriter<'_, W>,
-    mut ctl: mpsc::Receiver<Control>,
+    to_client: ToClient<'_>,
     pending: BytesMut,
     max_packet: usize,
 ) -> End
@@ -370,6 +436,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let ToClient {
+        mut ctl,
+        acks,
+        window,
+    } = to_client;
+    let own_window = window.map(|w| (w, &acks));
     let mut buf = pending;
     buf.reserve(READ_BUFFER * 4);
     // Bytes that came with the CONNACK are relayed before anything else is read.
@@ -404,7 +476,9 @@ where
                 }
             }
         }
-        if let Err(end) = relay_frames(&mut buf, &mut client, &mut rewrites, max_packet).await {
+        if let Err(end) =
+            relay_frames(&mut buf, &mut client, &mut rewrites, own_window, max_packet).await
+        {
             return end;
         }
         if buf.capacity() - buf.len() < READ_BUFFER {
@@ -413,11 +487,14 @@ where
     }
 }
 
-/// Write every complete broker frame in `buf` to the client, rewritten where asked.
+/// Write every complete broker frame in `buf` to the client, rewritten where asked; with
+/// `own_window`, QoS 1 deliveries are renumbered into the relay's window and acknowledged to
+/// the broker.
 async fn relay_frames<W: AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     client: &mut ClientWriter<'_, W>,
     rewrites: &mut Rewrites,
+    own_window: Option<(&AckWindow, &mpsc::Sender<u16>)>,
     max_packet: usize,
 ) -> Result<(), End> {
     // `pass` is the length of the prefix to pass on as it is.
@@ -428,6 +505,30 @@ async fn relay_frames<W: AsyncWrite + Unpin>(
             Ok(None) => break,
             Err(_) => return Err(End::Protocol),
         };
+        if let Some((window, acks)) = own_window {
+            if frame.kind() == kind::PUBLISH && (frame.header >> 1) & 0b11 == 1 {
+                let bytes = &buf[pass..pass + frame.len];
+                let Ok((_, payload_at)) = codec::publish_topic(bytes, &frame) else {
+                    return Err(End::Protocol);
+                };
+                let at = pass + payload_at - 2;
+                let Some(broker_pkid) = codec::packet_id(buf, at) else {
+                    return Err(End::Protocol);
+                };
+                if window.in_flight() >= RELAY_INFLIGHT && pass > 0 {
+                    // Full: what was gathered goes out before waiting for the client's acks.
+                    client.write(&buf[..pass]).await?;
+                    let _ = buf.split_to(pass);
+                    pass = 0;
+                }
+                let ours = window.take().await;
+                let at = pass + payload_at - 2;
+                buf[at..at + 2].copy_from_slice(&ours.to_be_bytes());
+                if acks.send(broker_pkid).await.is_err() {
+                    return Err(End::BrokerClosed);
+                }
+            }
+        }
         let Some(replacement) = rewrites.rewrite(&frame, &buf[pass..pass + frame.len]) else {
             pass += frame.len;
             continue;
