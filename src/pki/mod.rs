@@ -27,6 +27,7 @@ mod expiry;
 mod files;
 mod issue;
 mod tls;
+mod verified;
 mod verify;
 
 #[cfg(test)]

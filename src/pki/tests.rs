@@ -816,3 +816,33 @@ fn certificates_of_previous_operational_cas_keep_the_device_role() {
     let current = std::fs::read_to_string(f.dir.join("operational-ca.pem")).unwrap();
     assert_eq!(f.pki.ca_chain_pem(), current);
 }
+
+#[test]
+fn a_certificate_verified_before_is_still_refused_once_it_expired() {
+    let f = fixture();
+    let device = f
+        .operational
+        .issue_client("dev-cache", &CertOptions::valid_for_days(1))
+        .unwrap();
+    let der = der_of(&device.certificate_pem);
+    let verifier = f.pki.client_verifier();
+    // Verified (and remembered), then again: the same answer.
+    for _ in 0..2 {
+        assert_eq!(
+            verifier.verify(&der, &[], UnixTime::now()).ok(),
+            Some(Role::Device)
+        );
+    }
+    let later = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        (OffsetDateTime::now_utc() + Duration::days(2)).unix_timestamp() as u64,
+    ));
+    let refused = verifier.verify(&der, &[], later).unwrap_err();
+    assert_eq!(refused.reason, CertRefusalReason::Expired);
+    // A certificate with other bytes is verified in full, whatever was remembered.
+    let mut tampered = der.as_ref().to_vec();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    assert!(verifier
+        .verify(&CertificateDer::from(tampered), &[], UnixTime::now())
+        .is_err());
+}

@@ -15,6 +15,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
 use super::issue::{check_key, fingerprint, serial_hex};
+use super::verified::{self, VerifiedCerts};
 use super::{CertRefusal, CertRefusalReason, PeerCert, RevokedAdmins, Role};
 
 /// Intermediates followed at most when looking for the issuing CA of a chain.
@@ -33,6 +34,8 @@ pub(crate) struct TrustStore {
     algorithms: WebPkiSupportedAlgorithms,
     /// Admin certificates that may no longer connect (`[pki] admin_crl`).
     revoked_admins: RevokedAdmins,
+    /// Certificates that passed [`Self::verify`] with this store.
+    verified: VerifiedCerts,
 }
 
 impl TrustStore {
@@ -87,6 +90,7 @@ impl TrustStore {
             hints,
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
             revoked_admins: RevokedAdmins::default(),
+            verified: VerifiedCerts::default(),
         })
     }
 
@@ -179,6 +183,12 @@ impl TrustStore {
     ) -> Result<Role, CertRefusal> {
         let (leaf, cn, role, _) = self.classify(end_entity, intermediates)?;
         self.check_revocation(role, &leaf, &cn)?;
+        let remembered = intermediates
+            .is_empty()
+            .then(|| verified::key(end_entity.as_ref()));
+        if remembered.is_some_and(|key| self.verified.holds(&key, role, now)) {
+            return Ok(role);
+        }
         let anchors = self.anchors.get(&role).map(Vec::as_slice).unwrap_or(&[]);
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
             refusal(
@@ -223,6 +233,15 @@ impl TrustStore {
         }
         check_key(leaf.public_key())
             .map_err(|detail| refusal(CertRefusalReason::WeakKey, cn, detail))?;
+        if let Some(key) = remembered {
+            let validity = leaf.validity();
+            self.verified.remember(
+                key,
+                role,
+                validity.not_before.timestamp(),
+                validity.not_after.timestamp(),
+            );
+        }
         Ok(role)
     }
 
