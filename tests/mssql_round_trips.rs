@@ -220,6 +220,23 @@ async fn every_write_a_device_waits_for_is_one_round_trip() {
     assert_eq!(store.round_trips().prepares(), prepared);
     println!("procedures   {prepared} created");
 
+    // Procedures dropped behind the store's back (a DBA, a restore): the next use finds its
+    // procedure gone, sends the text instead and makes it again.
+    let dropped = store.drop_procedures().await.expect("drop procedures");
+    assert!(dropped >= 1, "{dropped}");
+    let (n, found) = trips(&store, store.credential_and_device(&serial, &id)).await;
+    assert!(found.expect("answered after the drop").0.is_some());
+    assert!(n <= 2, "{n}");
+    assert_eq!(store.round_trips().prepares(), prepared);
+    let (n, found) = trips(&store, store.credential_and_device(&serial, &id)).await;
+    assert!(found.expect("answered").1.is_some());
+    assert_eq!(n, 1);
+    assert_eq!(
+        store.round_trips().prepares(),
+        prepared + 1,
+        "made again once"
+    );
+
     for (op, n) in &counted {
         println!("round trips  {op:<34} {n}");
     }

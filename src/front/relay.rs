@@ -515,7 +515,7 @@ async fn relay_frames<W: AsyncWrite + Unpin>(
                 let Some(broker_pkid) = codec::packet_id(buf, at) else {
                     return Err(End::Protocol);
                 };
-                if window.in_flight() >= RELAY_INFLIGHT && pass > 0 {
+                if window.is_full() && pass > 0 {
                     // Full: what was gathered goes out before waiting for the client's acks.
                     client.write(&buf[..pass]).await?;
                     let _ = buf.split_to(pass);

@@ -89,7 +89,13 @@ impl AckWindow {
         true
     }
 
+    /// Whether the next [`AckWindow::take`] waits (no lock taken: asked per delivery).
+    pub fn is_full(&self) -> bool {
+        self.slots.available_permits() == 0
+    }
+
     /// Publishes handed out and not yet acknowledged.
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.ids
             .lock()
@@ -113,6 +119,7 @@ mod tests {
         assert!(a > BROKER_MAX_PKID && b > BROKER_MAX_PKID && c > BROKER_MAX_PKID);
         assert!(a != b && b != c && a != c);
         assert_eq!(w.in_flight(), 3);
+        assert!(w.is_full());
         // Full: the next one waits for an acknowledgement.
         assert!(tokio::time::timeout(Duration::from_millis(50), w.take())
             .await

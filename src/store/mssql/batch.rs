@@ -21,6 +21,7 @@
 //!
 //! [`StoreError`]: crate::store::StoreError
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -150,24 +151,15 @@ impl<'a> Batch<'a> {
 /// A batch ready to send: its text and parameters.
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
-    pub text: String,
+    pub text: Cow<'a, str>,
     pub params: Vec<ColumnData<'a>>,
 }
 
 impl<'a> Batch<'a> {
-    /// The statements as they are, no transaction around them (reads, each with its own
-    /// result set).
-    pub fn into_reads(self) -> Request<'a> {
-        Request {
-            text: self.body,
-            params: self.params,
-        }
-    }
-
     /// The request for [`Batch::transaction`] with `outcome`.
     pub fn into_request(self, outcome: &str) -> Request<'a> {
         Request {
-            text: self.transaction(outcome),
+            text: Cow::Owned(self.transaction(outcome)),
             params: self.params,
         }
     }

@@ -167,17 +167,29 @@ impl Connection {
             None
         };
         let text = procedure.as_ref().map_or(sql, |p| p.call.as_str());
-        match self.send_query(context, text, params).await {
+        let result = match self.send_query(context, text, params).await {
             Err(QueryFailure::Server(e)) if self.dropped(procedure.as_ref(), &e) => {
-                match self.send_query(context, sql, params).await {
-                    Ok(rows) => Ok(rows),
-                    Err(QueryFailure::Server(e)) => Err(self.fail(context, e)),
-                    Err(QueryFailure::Store(e)) => Err(e),
-                }
+                self.send_query(context, sql, params).await
             }
-            Ok(rows) => Ok(rows),
-            Err(QueryFailure::Server(e)) => Err(self.fail(context, e)),
-            Err(QueryFailure::Store(e)) => Err(e),
+            other => other,
+        };
+        result.map_err(|f| self.failure(context, f))
+    }
+
+    /// The store's error for a failed request.
+    fn failure(&mut self, context: &str, failure: QueryFailure) -> StoreError {
+        match failure {
+            QueryFailure::Server(e)
+                if self.in_transaction && procs::is_missing(&e, procs::PREFIX) =>
+            {
+                // See `dropped`: the transaction is gone with the error.
+                self.broken = true;
+                StoreError::Unavailable(format!(
+                    "{context}: a procedure of the store was dropped during the transaction"
+                ))
+            }
+            QueryFailure::Server(e) => self.fail(context, e),
+            QueryFailure::Store(e) => e,
         }
     }
 
@@ -209,7 +221,7 @@ impl Connection {
 
     /// The procedure to call for `text` with `values`, created first if need be; `None` to
     /// send the text itself (see `procs`).
-    async fn procedure(&mut self, text: &str, values: &[ColumnData<'_>]) -> Option<Procedure> {
+    async fn procedure(&mut self, text: &str, values: &[ColumnData<'_>]) -> Option<Arc<Procedure>> {
         let (procedure, exists) = self.procedures.lookup(text, values)?;
         if exists {
             return Some(procedure);
@@ -261,16 +273,25 @@ impl Connection {
         }
     }
 
-    /// Whether `err` says that `procedure` (just called) no longer exists: forgotten, so the
-    /// caller sends the text instead and the next use creates it again.
-    fn dropped(&self, procedure: Option<&Procedure>, err: &tiberius::error::Error) -> bool {
-        match procedure {
-            Some(p) if server_code(err) == Some(procs::NOT_FOUND) => {
-                self.procedures.forget(&p.name);
-                !self.broken
-            }
-            _ => false,
+    /// Whether `err` says that `procedure` (just called) no longer exists: forgotten, so that
+    /// its next use creates it again, and `true` when the caller may send the text instead.
+    /// Inside a transaction it may not: the error ended the transaction (`XACT_ABORT`), so the
+    /// connection is discarded and the error reported as transient, and the operation is run
+    /// again from its start.
+    fn dropped(
+        &mut self,
+        procedure: Option<&Arc<Procedure>>,
+        err: &tiberius::error::Error,
+    ) -> bool {
+        let Some(p) = procedure.filter(|p| procs::is_missing(err, &p.name)) else {
+            return false;
+        };
+        self.procedures.forget(&p.name);
+        if self.in_transaction {
+            self.broken = true;
+            return false;
         }
+        !self.broken
     }
 
     /// Run a parameterised query expected to return at most one row.
@@ -325,7 +346,7 @@ impl Connection {
         let procedure = self.procedure(&request.text, &request.params).await;
         let text = procedure
             .as_ref()
-            .map_or(request.text.as_str(), |p| p.call.as_str());
+            .map_or(request.text.as_ref(), |p| p.call.as_str());
         let result = match self.send_request(context, text, request).await {
             Err(QueryFailure::Server(e)) if self.dropped(procedure.as_ref(), &e) => {
                 self.send_request(context, &request.text, request).await
@@ -334,12 +355,11 @@ impl Connection {
         };
         match result {
             Ok(sets) => Ok(sets),
-            Err(QueryFailure::Server(e)) => {
-                let error = self.fail(context, e);
+            Err(failure) => {
+                let error = self.failure(context, failure);
                 self.rollback().await;
                 Err(error)
             }
-            Err(QueryFailure::Store(e)) => Err(e),
         }
     }
 

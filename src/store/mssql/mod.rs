@@ -35,10 +35,10 @@ mod writes;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tiberius::ToSql;
+use tiberius::{IntoSql, ToSql};
 use time::OffsetDateTime;
 
-use self::batch::{arg, Batch, Request};
+use self::batch::Request;
 use self::conn::{Connection, LastError, Manager};
 use self::rows::{int64, json_text, null_slots, to_db_time};
 use self::statements::Statements;
@@ -178,6 +178,16 @@ impl MssqlStore {
         }
     }
 
+    /// Drop the store's procedures (`onboard_p_*` in its schema, see `procs`); returns how
+    /// many. Harmless at any time: each is made again when its statement is next sent.
+    pub async fn drop_procedures(&self) -> StoreResult<usize> {
+        let schema = &self.target.schema;
+        self.run("drop_procedures", |mut c| {
+            Box::pin(async move { schema::drop_procedures(&mut c, schema).await })
+        })
+        .await
+    }
+
     /// Drop every table this store created, including the migrations table, and then its
     /// schema unless that is `dbo` (a schema still holding other objects is left in place with
     /// an error). Meant for a throw-away test schema (the contract suite cleans up with it);
@@ -295,17 +305,30 @@ impl MssqlStore {
         .await
     }
 
-    /// Send `request` (reads only, one result set per statement) in one round trip; the `N`
-    /// result sets, in order.
-    async fn read_sets<const N: usize>(
+    /// One lookup and the device's row, in one request (`sql`: two `SELECT`s, the device's
+    /// second): what a connecting or enrolling device waits for.
+    async fn with_device<T>(
         &self,
         op: &'static str,
-        request: &Request<'_>,
-    ) -> StoreResult<[Vec<tiberius::Row>; N]> {
-        let sets = self.one_trip(op, request).await?;
+        sql: &str,
+        params: Vec<tiberius::ColumnData<'_>>,
+        map: fn(&tiberius::Row) -> StoreResult<T>,
+    ) -> StoreResult<(Option<T>, Option<Device>)> {
+        let request = Request {
+            text: std::borrow::Cow::Borrowed(sql),
+            params,
+        };
+        let sets = self.one_trip(op, &request).await?;
         let found = sets.len();
-        <[Vec<tiberius::Row>; N]>::try_from(sets)
-            .map_err(|_| StoreError::Corrupt(format!("{op}: {found} result sets, expected {N}")))
+        let Ok([first, device]) = <[Vec<tiberius::Row>; 2]>::try_from(sets) else {
+            return Err(StoreError::Corrupt(format!(
+                "{op}: {found} result sets, expected 2"
+            )));
+        };
+        Ok((
+            first_row(first).map(|r| map(&r)).transpose()?,
+            first_row(device).map(|r| rows::device(&r)).transpose()?,
+        ))
     }
 
     /// This instance's stamp and the current time, for the change-feed rows of a batch.
@@ -648,17 +671,13 @@ impl Store for MssqlStore {
         device_id: &str,
         request_id: &str,
     ) -> StoreResult<(Option<StoredEnrollment>, Option<Device>)> {
-        let mut reads = Batch::new();
-        reads.statement(&self.sql.find_enrollment, [arg(device_id), arg(request_id)]);
-        reads.statement(&self.sql.device, [arg(device_id)]);
-        let request = reads.into_reads();
-        let [stored, device] = self.read_sets("enrollment_context", &request).await?;
-        Ok((
-            first_row(stored)
-                .map(|r| rows::enrollment(&r))
-                .transpose()?,
-            first_row(device).map(|r| rows::device(&r)).transpose()?,
-        ))
+        self.with_device(
+            "enrollment_context",
+            &self.sql.enrollment_context,
+            vec![device_id.into_sql(), request_id.into_sql()],
+            rows::enrollment,
+        )
+        .await
     }
 
     async fn commit_enrollment(
@@ -754,17 +773,13 @@ impl Store for MssqlStore {
         serial: &str,
         device_id: &str,
     ) -> StoreResult<(Option<Credential>, Option<Device>)> {
-        let mut reads = Batch::new();
-        reads.statement(&self.sql.credential, [arg(serial)]);
-        reads.statement(&self.sql.device, [arg(device_id)]);
-        let request = reads.into_reads();
-        let [credential, device] = self.read_sets("credential_and_device", &request).await?;
-        Ok((
-            first_row(credential)
-                .map(|r| rows::credential(&r))
-                .transpose()?,
-            first_row(device).map(|r| rows::device(&r)).transpose()?,
-        ))
+        self.with_device(
+            "credential_and_device",
+            &self.sql.credential_and_device,
+            vec![serial.into_sql(), device_id.into_sql()],
+            rows::credential,
+        )
+        .await
     }
 
     async fn credentials_of(&self, device_id: &str) -> StoreResult<Vec<Credential>> {

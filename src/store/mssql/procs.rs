@@ -20,8 +20,8 @@
 //! Their creation is counted apart from requests ([`super::batch::RoundTrips::prepares`]):
 //! once per statement and process.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 use tiberius::ColumnData;
@@ -41,6 +41,19 @@ pub const ALREADY_EXISTS: u32 = 2714;
 pub const NOT_FOUND: u32 = 2812;
 const PERMISSION_DENIED: &[u32] = &[262, 297, 300, 2760, 15247];
 
+/// Whether `err` says that the procedure `name` (or, given [`PREFIX`], one of the store's)
+/// does not exist: error 2812 on SQL Server; Babelfish raises its generic error number with
+/// "procedure <schema>.<name>(...) does not exist".
+pub fn is_missing(err: &tiberius::error::Error, name: &str) -> bool {
+    match err {
+        tiberius::error::Error::Server(token) => {
+            token.code() == NOT_FOUND
+                || (token.message().contains(name) && token.message().contains("does not exist"))
+        }
+        _ => false,
+    }
+}
+
 /// Whether a creation that failed with `code` means this login may not create procedures.
 pub fn is_permission_error(code: u32) -> bool {
     PERMISSION_DENIED.contains(&code)
@@ -54,7 +67,8 @@ pub struct Procedure {
     pub call: String,
 }
 
-/// The procedures of one store, shared by its pooled connections.
+/// The procedures of one store, shared by its pooled connections: each statement text is
+/// hashed and rendered as DDL once, the first time it is sent, never again per call.
 #[derive(Debug)]
 pub struct Procedures {
     schema: String,
@@ -64,7 +78,27 @@ pub struct Procedures {
 #[derive(Debug)]
 struct State {
     enabled: bool,
-    created: HashSet<String>,
+    /// Statement text -> its procedures, one per list of parameter types.
+    known: HashMap<String, Vec<Known>>,
+    /// Entries of `known`, all texts together.
+    count: usize,
+}
+
+#[derive(Debug)]
+struct Known {
+    types: Vec<&'static str>,
+    procedure: Arc<Procedure>,
+    /// It exists on the server.
+    created: bool,
+}
+
+impl State {
+    fn find(&mut self, name: &str) -> Option<&mut Known> {
+        self.known
+            .values_mut()
+            .flatten()
+            .find(|k| k.procedure.name == name)
+    }
 }
 
 impl Procedures {
@@ -73,7 +107,8 @@ impl Procedures {
             schema: schema.quoted(),
             state: Mutex::new(State {
                 enabled,
-                created: HashSet::new(),
+                known: HashMap::new(),
+                count: 0,
             }),
         }
     }
@@ -84,27 +119,55 @@ impl Procedures {
 
     /// The procedure for `text` with `params`, if statements go as procedures and this one
     /// can; `true` when it exists already.
-    pub fn lookup(&self, text: &str, params: &[ColumnData<'_>]) -> Option<(Procedure, bool)> {
-        let state = self.state();
-        if !state.enabled || params.len() > MAX_PARAMS {
+    pub fn lookup(&self, text: &str, params: &[ColumnData<'_>]) -> Option<(Arc<Procedure>, bool)> {
+        if params.len() > MAX_PARAMS {
             return None;
         }
-        let procedure = procedure(&self.schema, text, params)?;
-        let exists = state.created.contains(&procedure.name);
-        if !exists && state.created.len() >= MAX_PROCEDURES {
-            return None;
+        let types = params
+            .iter()
+            .map(declared_type)
+            .collect::<Option<Vec<_>>>()?;
+        {
+            let state = self.state();
+            if !state.enabled {
+                return None;
+            }
+            let known = state.known.get(text).into_iter().flatten();
+            if let Some(k) = known.into_iter().find(|k| k.types == types) {
+                return Some((k.procedure.clone(), k.created));
+            }
+            if state.count >= MAX_PROCEDURES {
+                return None;
+            }
         }
-        Some((procedure, exists))
+        // First use of this statement: hashed and rendered outside the lock.
+        let procedure = Arc::new(procedure(&self.schema, text, &types));
+        let mut state = self.state();
+        let entries = state.known.entry(text.to_owned()).or_default();
+        if let Some(k) = entries.iter().find(|k| k.types == types) {
+            return Some((k.procedure.clone(), k.created));
+        }
+        entries.push(Known {
+            types,
+            procedure: procedure.clone(),
+            created: false,
+        });
+        state.count += 1;
+        Some((procedure, false))
     }
 
     /// `name` exists on the server.
     pub fn created(&self, name: &str) {
-        self.state().created.insert(name.to_owned());
+        if let Some(k) = self.state().find(name) {
+            k.created = true;
+        }
     }
 
     /// `name` is gone from the server (dropped): create it again on its next use.
     pub fn forget(&self, name: &str) {
-        self.state().created.remove(name);
+        if let Some(k) = self.state().find(name) {
+            k.created = false;
+        }
     }
 
     /// Statements go as procedures from now on (the schema is migrated).
@@ -139,12 +202,8 @@ fn declared_type(value: &ColumnData<'_>) -> Option<&'static str> {
     })
 }
 
-/// `text` with `params` as a procedure of `schema` (bracket-quoted).
-fn procedure(schema: &str, text: &str, params: &[ColumnData<'_>]) -> Option<Procedure> {
-    let types = params
-        .iter()
-        .map(declared_type)
-        .collect::<Option<Vec<_>>>()?;
+/// `text` with parameters of `types` as a procedure of `schema` (bracket-quoted).
+fn procedure(schema: &str, text: &str, types: &[&'static str]) -> Procedure {
     let mut hash = Sha256::new();
     hash.update(types.join(",").as_bytes());
     hash.update(b"\n");
@@ -162,13 +221,13 @@ fn procedure(schema: &str, text: &str, params: &[ColumnData<'_>]) -> Option<Proc
         .map(|i| format!("@P{i}"))
         .collect::<Vec<_>>()
         .join(", ");
-    Some(Procedure {
+    Procedure {
         create: format!("CREATE PROCEDURE {qualified} {declarations}\nAS\nBEGIN\n{text}\nEND"),
         call: format!("EXEC {qualified} {arguments}")
             .trim_end()
             .to_owned(),
         name,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -208,7 +267,12 @@ mod tests {
         p.created(&procedure.name);
         assert_eq!(p.lookup(text, &params()), Some((procedure.clone(), true)));
         p.forget(&procedure.name);
-        assert_eq!(p.lookup(text, &params()), Some((procedure, false)));
+        let (again, exists) = p.lookup(text, &params()).expect("known");
+        assert!(!exists);
+        assert!(
+            Arc::ptr_eq(&again, &procedure),
+            "rendered once, not per call"
+        );
     }
 
     #[test]

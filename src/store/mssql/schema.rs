@@ -509,24 +509,7 @@ async fn run_statements(
 /// Drop every onboard table and the migrations table of `schema`, then the schema itself
 /// unless it is `dbo` (test clean-up).
 pub async fn drop_all(conn: &mut Connection, schema: &SchemaName) -> StoreResult<()> {
-    let procedures = conn
-        .query_as_text("drop schema", LIST_PROCEDURES, &[&schema.as_str()])
-        .await?;
-    for row in procedures {
-        let name: Option<&str> = row.get(0);
-        // Names the store made itself (`procs::PREFIX` and hex digits), checked again before
-        // they go into DDL.
-        if let Some(name) = name.filter(|n| {
-            n.starts_with(super::procs::PREFIX)
-                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        }) {
-            conn.batch(
-                "drop schema",
-                &format!("DROP PROCEDURE {}.[{name}]", schema.quoted()),
-            )
-            .await?;
-        }
-    }
+    drop_procedures(conn, schema).await?;
     for statement in DROP_STATEMENTS {
         conn.batch("drop schema", &render(statement, schema))
             .await?;
@@ -540,6 +523,32 @@ pub async fn drop_all(conn: &mut Connection, schema: &SchemaName) -> StoreResult
         .await?;
     }
     Ok(())
+}
+
+/// Drop the store's procedures in `schema` (see `procs`); returns how many. The store makes
+/// them again as its statements are next used.
+pub async fn drop_procedures(conn: &mut Connection, schema: &SchemaName) -> StoreResult<usize> {
+    let procedures = conn
+        .query_as_text("list procedures", LIST_PROCEDURES, &[&schema.as_str()])
+        .await?;
+    let mut dropped = 0;
+    for row in procedures {
+        let name: Option<&str> = row.get(0);
+        // Names the store made itself (`procs::PREFIX` and hex digits), checked again before
+        // they go into DDL.
+        if let Some(name) = name.filter(|n| {
+            n.starts_with(super::procs::PREFIX)
+                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        }) {
+            conn.batch(
+                "drop procedure",
+                &format!("DROP PROCEDURE {}.[{name}]", schema.quoted()),
+            )
+            .await?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
 }
 
 #[cfg(test)]

@@ -91,6 +91,10 @@ statements! {
     delete_events_before,
     insert_admin_reply,
     admin_reply,
+    /// `find_enrollment` then `device` (@P1 device id, @P2 request id): two result sets.
+    enrollment_context,
+    /// `credential` then `device` (@P1 serial, @P2 device id): two result sets.
+    credential_and_device,
 }
 
 impl Statements {
@@ -352,8 +356,23 @@ impl Statements {
             admin_reply: format!(
                 "SELECT a.reply FROM {s}.onboard_admin_replies AS a WHERE a.request_id = @P1"
             ),
+            enrollment_context: String::new(),
+            credential_and_device: String::new(),
             schema: s,
         }
+        .with_combined_reads()
+    }
+
+    /// The reads that go together in one request, from the single ones: a device connecting or
+    /// enrolling waits for each of them.
+    fn with_combined_reads(mut self) -> Statements {
+        self.enrollment_context = format!("{};\n{};", self.find_enrollment, self.device);
+        self.credential_and_device = format!(
+            "{};\n{};",
+            self.credential,
+            self.device.replace("@P1", "@P2")
+        );
+        self
     }
 
     /// `SELECT` of the devices list, with the optional filters present as fixed fragments and

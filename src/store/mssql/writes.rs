@@ -489,9 +489,9 @@ mod tests {
     /// Every placeholder of the text is bound, every bound parameter is used, none is NULL,
     /// and the transaction is opened and committed once, inside the batch.
     fn assert_one_trip(name: &str, request: &Request<'_>) {
-        let text = &request.text;
+        let text: &str = &request.text;
         let mut used = std::collections::BTreeSet::new();
-        let mut rest = text.as_str();
+        let mut rest = text;
         while let Some(at) = rest.find("@P") {
             let after = &rest[at + 2..];
             let digits = after.bytes().take_while(u8::is_ascii_digit).count();
