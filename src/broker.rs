@@ -13,17 +13,26 @@
 //!
 //! The gateway publishes through [`BrokerLink`] (admin replies, audit events, copies of device
 //! configurations for observers), another local link.
+//!
+//! The gateway spawns rumqttd's router and its internal listeners itself (rather than through
+//! `rumqttd::Broker`, which keeps the router's sender to itself), so that it can open links at
+//! any time: the router keeps, per connection, a meter entry for every topic the connection
+//! ever published, so the two links that carry every device's topics are closed and opened
+//! again every `LINK_PUBLISHES` (16,384) publishes, and what the router holds for them stays bounded
+//! whatever the size of the fleet. A third link, which does nothing, tells when the router is
+//! gone.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::IntCounter;
 use rand::RngCore;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
-use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, Publish};
+use rumqttd::{ConnectionSettings, LinkType, Notification, RouterConfig, Server, ServerSettings};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +42,7 @@ use crate::config::{BrokerConfig, ServerConfig};
 pub const INTERNAL_USER: &str = "onboard-front";
 
 /// Client ids of the gateway's own links into the router; no client may use them.
-pub const RESERVED_CLIENT_IDS: &[&str] = &["onboard-gateway", "onboard-fanout"];
+pub const RESERVED_CLIENT_IDS: [&str; 3] = ["onboard-gateway", "onboard-fanout", "onboard-watch"];
 
 /// Connections the router holds: admins and back-ends only (devices never reach it). Its
 /// tables are allocated up front for this many.
@@ -43,6 +52,11 @@ const ROUTER_CONNECTIONS: usize = 1024;
 const PUBLISH_BATCH: usize = 256;
 /// A link's messages the router may have still to take before more are handed over.
 const ROUTER_BACKLOG: usize = 4096;
+/// Publishes one link carries before it is closed and opened again (what bounds the router's
+/// per-connection meter of the topics the link published).
+const LINK_PUBLISHES: usize = 16_384;
+/// How long the router may take to let go of a link being reopened.
+const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Gateway publishes waiting for the router.
 const GATEWAY_QUEUE: usize = 65_536;
 /// Device publishes waiting for the router; a full queue makes the publishing connections wait.
@@ -107,8 +121,8 @@ pub struct Broker {
     pub secret: Arc<str>,
     pub link: BrokerLink,
     pub fanout: Fanout,
-    /// Cancelled when the broker's router is gone (it panicked): nothing can be routed any more
-    /// and the process should be restarted.
+    /// Cancelled when the broker's router is gone (it panicked) or a link to it is lost:
+    /// nothing can be routed any more and the process should be restarted.
     pub failed: CancellationToken,
 }
 
@@ -153,24 +167,20 @@ impl Broker {
                 ));
             async move { ok }
         });
-        let listeners: std::collections::HashMap<String, ServerSettings> = internal_addrs
+        let listeners: Vec<ServerSettings> = internal_addrs
             .iter()
             .enumerate()
-            .map(|(i, addr)| {
-                let name = format!("internal-{i}");
-                let settings = ServerSettings {
-                    name: name.clone(),
-                    listen: *addr,
-                    tls: None,
-                    next_connection_delay_ms: 0,
-                    connections: connections.clone(),
-                };
-                (name, settings)
+            .map(|(i, addr)| ServerSettings {
+                name: format!("internal-{i}"),
+                listen: *addr,
+                tls: None,
+                next_connection_delay_ms: 0,
+                connections: connections.clone(),
             })
             .collect();
-        let config = rumqttd::Config {
-            id: 0,
-            router: RouterConfig {
+        let router = rumqttd::Router::new(
+            0,
+            RouterConfig {
                 max_connections: ROUTER_CONNECTIONS.min(server.max_connections + 16),
                 max_outgoing_packet_count: broker.max_outgoing_packets,
                 max_segment_size: 10 * 1024 * 1024,
@@ -179,40 +189,46 @@ impl Broker {
                 initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
             },
-            v4: Some(listeners),
-            ..Default::default()
-        };
-
-        let mut rumqttd = rumqttd::Broker::new(config);
-        let (link_tx, link_rx) = rumqttd
-            .link(RESERVED_CLIENT_IDS[0])
-            .map_err(|e| BrokerError::Link(e.to_string()))?;
-        let (fanout_tx, fanout_rx) = rumqttd
-            .link(RESERVED_CLIENT_IDS[1])
-            .map_err(|e| BrokerError::Link(e.to_string()))?;
-        std::thread::Builder::new()
-            .name("rumqttd".into())
-            .spawn(move || {
-                if let Err(e) = rumqttd.start() {
-                    tracing::error!(error = %e, "embedded broker stopped");
-                }
-            })
-            .map_err(|e| BrokerError::Link(e.to_string()))?;
-
-        let (out_tx, out_rx) = mpsc::channel(GATEWAY_QUEUE);
-        std::thread::Builder::new()
-            .name("broker-link-tx".into())
-            .spawn(move || run_publisher(link_tx, out_rx))
-            .map_err(|e| BrokerError::Link(e.to_string()))?;
-        let (device_tx, device_rx) = mpsc::channel(FANOUT_QUEUE);
-        std::thread::Builder::new()
-            .name("broker-fanout".into())
-            .spawn(move || run_publisher(fanout_tx, device_rx))
-            .map_err(|e| BrokerError::Link(e.to_string()))?;
+        );
+        let router_tx = router.spawn();
+        for settings in listeners {
+            let server = Server::new(settings, router_tx.clone(), V4);
+            spawn_listener(server).map_err(|e| BrokerError::Link(e.to_string()))?;
+        }
+        let links = Links(Arc::new(move |client_id: &str| {
+            LinkBuilder::new(client_id, router_tx.clone())
+                .build()
+                .map(|(tx, rx, _connack)| (tx, rx))
+                .map_err(|e| e.to_string())
+        }));
+        let [gateway_id, fanout_id, watch_id] = RESERVED_CLIENT_IDS;
+        let gateway_link = links.open(gateway_id)?;
+        let fanout_link = links.open(fanout_id)?;
+        let (_, watch_rx) = links.open(watch_id)?;
 
         let failed = CancellationToken::new();
-        tokio::spawn(run_receiver(link_rx, failed.clone()));
-        tokio::spawn(run_receiver(fanout_rx, failed.clone()));
+        let (out_tx, out_rx) = mpsc::channel(GATEWAY_QUEUE);
+        let publisher = Publisher {
+            links: links.clone(),
+            client_id: gateway_id,
+            failed: failed.clone(),
+        };
+        std::thread::Builder::new()
+            .name("broker-link-tx".into())
+            .spawn(move || publisher.run(gateway_link, out_rx))
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+        let (device_tx, device_rx) = mpsc::channel(FANOUT_QUEUE);
+        let publisher = Publisher {
+            links,
+            client_id: fanout_id,
+            failed: failed.clone(),
+        };
+        std::thread::Builder::new()
+            .name("broker-fanout".into())
+            .spawn(move || publisher.run(fanout_link, device_rx))
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+
+        tokio::spawn(watch(watch_rx, failed.clone()));
 
         for addr in &internal_addrs {
             wait_listening(*addr).await?;
@@ -271,45 +287,138 @@ async fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
     Err(BrokerError::NotListening(addr))
 }
 
-/// Owns one link: hands the router every publish queued on `rx`, in order, until the queue
-/// closes. What is queued together goes in one batch, so the router is woken once per batch,
-/// not per message; and while the router has [`ROUTER_BACKLOG`] of this link's messages still
-/// to take, no more are handed over, so the bounded queue fills and its publishers wait: the
-/// router's pace is theirs.
-fn run_publisher(mut link_tx: LinkTx, mut rx: mpsc::Receiver<Publish>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "broker link thread");
-            return;
-        }
-    };
-    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < PUBLISH_BATCH {
-            match rx.try_recv() {
-                Ok(publish) => batch.push(publish),
-                Err(_) => break,
-            }
-        }
-        while link_tx.buffer().len() >= ROUTER_BACKLOG {
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        let Some(last) = batch.pop() else { continue };
-        link_tx
-            .buffer()
-            .extend(batch.drain(..).map(|p| Packet::Publish(p, None)));
-        // The last one goes with the wake-up for the whole batch.
-        if let Err(e) = runtime.block_on(link_tx.send(Packet::Publish(last, None))) {
-            tracing::error!(error = %e, "broker link closed");
-            return;
-        }
+/// Runs one internal listener (admins' relayed connections) on a thread of its own.
+fn spawn_listener(mut server: Server<V4>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("broker-internal".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "broker internal listener");
+                    return;
+                }
+            };
+            runtime.block_on(async {
+                if let Err(e) = server.start(LinkType::Remote).await {
+                    tracing::error!(error = %e, "broker internal listener stopped");
+                }
+            });
+        })
+        .map(drop)
+}
+
+type OpenLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync;
+
+/// Opens in-process links to the router (whose sender's type rumqttd does not name).
+#[derive(Clone)]
+struct Links(Arc<OpenLink>);
+
+impl Links {
+    fn open(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
+        (self.0)(client_id).map_err(|e| BrokerError::Link(format!("{client_id}: {e}")))
     }
 }
 
-async fn run_receiver(mut link_rx: LinkRx, failed: CancellationToken) {
-    // The gateway's links subscribe to nothing: they end only when the router is gone.
+/// Owns one publishing link: hands the router every publish queued on its channel, in order,
+/// until the channel closes. What is queued together goes in one batch, so the router is woken
+/// once per batch, not per message; and while the router has [`ROUTER_BACKLOG`] of this link's
+/// messages still to take, no more are handed over, so the bounded channel fills and its
+/// publishers wait: the router's pace is theirs.
+///
+/// rumqttd keeps, per connection, a meter entry for every topic that connection ever
+/// published and never forgets one: on a link that carries every device's topics, that would
+/// grow with the fleet. So after [`LINK_PUBLISHES`] publishes the link is closed (once the
+/// router has taken all of it, so that order is kept) and opened again, empty.
+struct Publisher {
+    links: Links,
+    client_id: &'static str,
+    /// Cancelled when the link is lost: nothing more reaches the router.
+    failed: CancellationToken,
+}
+
+impl Publisher {
+    fn run(self, link: (LinkTx, LinkRx), mut rx: mpsc::Receiver<Publish>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "broker link thread");
+                return;
+            }
+        };
+        let (mut link_tx, mut link_rx) = link;
+        let mut published = 0usize;
+        let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < PUBLISH_BATCH {
+                match rx.try_recv() {
+                    Ok(publish) => batch.push(publish),
+                    Err(_) => break,
+                }
+            }
+            while link_tx.buffer().len() >= ROUTER_BACKLOG {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            published += batch.len();
+            let Some(last) = batch.pop() else { continue };
+            link_tx
+                .buffer()
+                .extend(batch.drain(..).map(|p| Packet::Publish(p, None)));
+            // The last one goes with the wake-up for the whole batch.
+            if let Err(e) = runtime.block_on(link_tx.send(Packet::Publish(last, None))) {
+                tracing::error!(error = %e, link = self.client_id, "broker link closed");
+                self.failed.cancel();
+                return;
+            }
+            if published >= LINK_PUBLISHES {
+                match self.reopen(&runtime, link_tx, link_rx) {
+                    Ok(link) => (link_tx, link_rx) = link,
+                    Err(e) => {
+                        tracing::error!(error = %e, "broker link could not be opened again");
+                        self.failed.cancel();
+                        return;
+                    }
+                }
+                published = 0;
+            }
+        }
+    }
+
+    /// Close the link after what it was given, wait until the router has let go of it, and
+    /// open it again under the same client id.
+    fn reopen(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        mut tx: LinkTx,
+        mut rx: LinkRx,
+    ) -> Result<(LinkTx, LinkRx), BrokerError> {
+        let disconnect = Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        };
+        runtime
+            .block_on(tx.send(Packet::Disconnect(disconnect, None)))
+            .map_err(|e| BrokerError::Link(format!("{}: {e}", self.client_id)))?;
+        // The router drops the link's end once it has handled everything before the
+        // DISCONNECT; only then may the same client id connect again without taking over
+        // (and so losing) what it had not taken yet.
+        let deadline = Instant::now() + LINK_CLOSE_TIMEOUT;
+        while rx.recv_deadline(deadline).is_ok() {}
+        if Instant::now() >= deadline {
+            return Err(BrokerError::Link(format!(
+                "{}: the router did not close the link within {LINK_CLOSE_TIMEOUT:?}",
+                self.client_id
+            )));
+        }
+        self.links.open(self.client_id)
+    }
+}
+
+/// Watches a link that does nothing: it ends only when the router is gone (it panicked).
+async fn watch(mut link_rx: LinkRx, failed: CancellationToken) {
     loop {
         match link_rx.next().await {
             Ok(Some(Notification::Unschedule)) => {
@@ -323,4 +432,69 @@ async fn run_receiver(mut link_rx: LinkRx, failed: CancellationToken) {
     }
     tracing::error!("embedded broker's router stopped; the gateway cannot route messages");
     failed.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet as ClientPacket, QoS};
+
+    /// An observer subscribed with a wildcard gets every device publish, in order, while the
+    /// fan-out link is closed and opened again underneath (twice here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fan_out_loses_nothing_and_keeps_order_when_its_link_is_reopened() {
+        let broker = Broker::start(
+            &BrokerConfig::default(),
+            &ServerConfig::default(),
+            IntCounter::new("dropped", "dropped").expect("counter"),
+        )
+        .await
+        .expect("broker starts");
+        let addr = broker.internal_addrs[0];
+        let mut options = MqttOptions::new("observer", addr.ip().to_string(), addr.port());
+        options.set_credentials(INTERNAL_USER, broker.secret.to_string());
+        let (client, mut events) = AsyncClient::new(options, 1024);
+        client
+            .subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        let subscribed = async {
+            loop {
+                if let Event::Incoming(ClientPacket::SubAck(_)) =
+                    events.poll().await.expect("observer connection")
+                {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), subscribed)
+            .await
+            .expect("SUBACK");
+
+        let total = 2 * LINK_PUBLISHES + 100;
+        let fanout = broker.fanout.clone();
+        tokio::spawn(async move {
+            for i in 0..total {
+                let topic = format!("devices/d{i}/telemetry");
+                fanout
+                    .publish(&topic, Bytes::from(i.to_string()), false)
+                    .await;
+            }
+        });
+        let mut next = 0usize;
+        let received = async {
+            while next < total {
+                if let Event::Incoming(ClientPacket::Publish(p)) =
+                    events.poll().await.expect("observer connection")
+                {
+                    assert_eq!(p.topic, format!("devices/d{next}/telemetry"));
+                    assert_eq!(p.payload, Bytes::from(next.to_string()));
+                    next += 1;
+                }
+            }
+        };
+        let finished = tokio::time::timeout(Duration::from_secs(120), received).await;
+        assert!(finished.is_ok(), "{next} of {total} publishes arrived");
+        assert!(!broker.failed.is_cancelled());
+    }
 }

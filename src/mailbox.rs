@@ -280,7 +280,12 @@ impl Mailboxes {
             return;
         };
         match payload {
-            Some(payload) => self.retained.entry(id.into()).or_default()[slot] = Some(payload),
+            // Kept in a buffer of its own size: a payload serialised into a growing buffer
+            // can hold twice its length, for as long as the device is enrolled.
+            Some(payload) => {
+                self.retained.entry(id.into()).or_default()[slot] =
+                    Some(Bytes::copy_from_slice(&payload));
+            }
             None => {
                 if let Some(mut kept) = self.retained.get_mut(id) {
                     kept[slot] = None;
