@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -34,6 +35,15 @@ use crate::topics::{self, Route};
 const KEEPALIVE_ZERO_PING: Duration = Duration::from_secs(30 * 60);
 /// Control messages between the two halves of one relayed connection.
 const CONTROL_QUEUE: usize = 16;
+/// After passing on a client's DISCONNECT, how long the relay waits for the broker to close
+/// the session before it closes the socket itself.
+///
+/// rumqttd 0.20 ends a connection twice when its socket closes while the DISCONNECT is still
+/// on its way through the router: once for the DISCONNECT, and once more, by connection id,
+/// for the closed socket. When a new connection was given the freed id in between, the second
+/// end closes that one instead: a stranger's connection, about one in a thousand under churn.
+/// Waiting for the broker to close first leaves it a single end.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 
 impl Front {
     /// Relay an authenticated admin connection (CONNACK not yet sent) until it ends.
@@ -88,10 +98,15 @@ impl Front {
             acks: acks_tx,
             window: window.as_ref(),
         };
-        tokio::select! {
+        let disconnected = AtomicBool::new(false);
+        let end = tokio::select! {
             _ = admitted.kill.cancelled() => End::Killed,
-            end = self.client_to_broker(identity, client_rd, to_broker, buf, keepalive_zero) => end,
+            end = self.client_to_broker(identity, client_rd, to_broker, buf, keepalive_zero, &disconnected) => end,
             end = broker_to_client(broker_rd, writer, to_client, broker_pending, self.max_packet.max(1 << 20)) => end,
+        };
+        match end {
+            End::BrokerClosed if disconnected.load(Ordering::Relaxed) => End::Disconnected,
+            end => end,
         }
     }
 
@@ -163,6 +178,7 @@ impl Front {
         to_broker: ToBroker<'_, W>,
         mut buf: BytesMut,
         keepalive_zero: bool,
+        disconnected: &AtomicBool,
     ) -> End
     where
         R: AsyncRead + Unpin,
@@ -271,6 +287,16 @@ impl Front {
                     kind::CONNECT => {
                         self.protocol_violation(who, "second CONNECT");
                         return End::Protocol;
+                    }
+                    kind::DISCONNECT => {
+                        let through = pass + frame.len;
+                        if broker.write_all(&buf[..through]).await.is_err() {
+                            return End::BrokerClosed;
+                        }
+                        // The broker's half ends this connection when the broker closes.
+                        disconnected.store(true, Ordering::Relaxed);
+                        tokio::time::sleep(DISCONNECT_GRACE).await;
+                        return End::Disconnected;
                     }
                     kind::PUBACK
                         if window.is_some_and(|w| {
