@@ -18,7 +18,7 @@
 //! `rumqttd::Broker`, which keeps the router's sender to itself), so that it can open links at
 //! any time: the router keeps, per connection, a meter entry for every topic the connection
 //! ever published, so the two links that carry every device's topics are closed and opened
-//! again every `LINK_PUBLISHES` (16,384) publishes, and what the router holds for them stays bounded
+//! again every `LINK_PUBLISHES` publishes, and what the router holds for them stays bounded
 //! whatever the size of the fleet. A third link, which does nothing, tells when the router is
 //! gone.
 
