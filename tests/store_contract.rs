@@ -206,6 +206,7 @@ contract_tests!(
     changes_are_fed_with_their_writes,
     reenrollment_is_bound_to_the_first_factory_issuer,
     combined_reads_agree_with_the_single_ones,
+    concurrent_writes_fail_alone,
 );
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -528,6 +529,50 @@ async fn concurrent_commits_have_exactly_one_winner(cx: Ctx) {
         assert_eq!(device.current_serial.as_ref(), Some(&creds[1].serial));
         assert_eq!(s.config_history(&d).await.unwrap().len(), 2);
     }
+}
+
+/// Many enrollments at once, every third refused (its serial is taken): each caller hears its
+/// own outcome, the refused ones leave nothing behind, and none of the others is lost with them
+/// (a backend may commit concurrent writes together).
+async fn concurrent_writes_fail_alone(cx: Ctx) {
+    const WRITES: usize = 96;
+    let s = &cx.store;
+    let taken = cx.id("taken");
+    enroll(&cx, &cx.id("owner"), "r-1", "taken").await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(WRITES));
+    let mut tasks = Vec::new();
+    for i in 0..WRITES {
+        let d = cx.id(&format!("crowd{i}"));
+        let mut commit = EnrollmentBuilder::new(&d, "r-1", &cx.id(&format!("crowd{i}-s")));
+        if i % 3 == 0 {
+            commit = commit.credential(credential(&d, &taken));
+        }
+        let (store, barrier) = (Arc::clone(s), Arc::clone(&barrier));
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            (i, d, store.commit_enrollment(commit.build()).await)
+        }));
+    }
+    for task in tasks {
+        let (i, d, result) = task.await.unwrap();
+        let device = s.device(&d).await.unwrap();
+        if i % 3 == 0 {
+            assert!(is_conflict(&result), "{d}: {result:?}");
+            assert!(device.is_none(), "{d} refused but stored");
+            assert!(s.events(&d, 10).await.unwrap().is_empty(), "{d}");
+            assert!(s.find_enrollment(&d, "r-1").await.unwrap().is_none(), "{d}");
+        } else {
+            let committed = result.unwrap_or_else(|e| panic!("{d}: {e:?}"));
+            assert_eq!(committed.generation, 1, "{d}");
+            let device = device.unwrap_or_else(|| panic!("{d} told done but not stored"));
+            let serial = cx.id(&format!("crowd{i}-s"));
+            assert_eq!(device.current_serial.as_ref(), Some(&serial));
+            assert!(s.credential(&serial).await.unwrap().is_some(), "{d}");
+            assert_eq!(s.config_history(&d).await.unwrap().len(), 1, "{d}");
+        }
+    }
+    let owner = s.credential(&taken).await.unwrap().unwrap();
+    assert_eq!(owner.device_id, cx.id("owner"));
 }
 
 async fn race(

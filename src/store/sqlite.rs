@@ -1,11 +1,15 @@
 //! Embedded SQLite backend.
 //!
-//! One file, opened in WAL mode: a single writer connection behind a mutex (SQLite allows one
-//! writer at a time anyway) and a small pool of read-only connections, so reads never wait for a
-//! write to finish. rusqlite is synchronous, so every operation runs on Tokio's blocking pool.
+//! One file, opened in WAL mode: a single writer connection owned by its own thread (SQLite
+//! allows one writer at a time anyway; see [`writer`]) and a small pool of read-only connections,
+//! so reads never wait for a write to finish. rusqlite is synchronous: a lookup of one row by its
+//! key runs on the calling task when a reader is idle (an index seek, tens of microseconds,
+//! cheaper than handing it to another thread), every other read on Tokio's blocking pool.
 //!
-//! Every write runs in one `BEGIN IMMEDIATE` transaction, which takes the write lock up front: a
+//! Every write runs in a `BEGIN IMMEDIATE` transaction, which takes the write lock up front: a
 //! second process sharing the file waits (up to `busy_timeout`) instead of failing half-way.
+//! Writes queued at the same time share one transaction, each under its own savepoint, and are
+//! answered after its COMMIT.
 //!
 //! Timestamps are stored as INTEGER unix microseconds (UTC); values are truncated to whole
 //! microseconds on write, so what is read back equals what was written at that precision.
@@ -15,10 +19,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, Row, TransactionBehavior};
 
 use super::*;
 use crate::config::StoreConfig;
+use writer::Writer;
+
+mod writer;
 
 /// Prepared statements kept per connection (the writer uses a few dozen distinct statements).
 const STATEMENT_CACHE_CAPACITY: usize = 128;
@@ -176,7 +183,7 @@ struct Inner {
     path: PathBuf,
     /// Stamped on the change-feed rows this instance writes.
     origin: String,
-    writer: Mutex<Connection>,
+    writer: Writer,
     readers: ReaderPool,
 }
 
@@ -194,6 +201,15 @@ struct PooledReader<'a> {
 }
 
 impl ReaderPool {
+    /// A reader if one is idle now; never waits.
+    fn try_get(&self) -> Option<PooledReader<'_>> {
+        let conn = lock(&self.idle).pop()?;
+        Some(PooledReader {
+            pool: self,
+            conn: Some(conn),
+        })
+    }
+
     fn get(&self) -> StoreResult<PooledReader<'_>> {
         let mut idle = lock(&self.idle);
         loop {
@@ -300,25 +316,27 @@ impl SqliteStore {
         .map_err(join_error)?
     }
 
-    /// Run `f` inside one `BEGIN IMMEDIATE` transaction on the writer connection; commit when
-    /// it returns `Ok`, roll back otherwise.
+    /// Run `f`, a lookup of at most a few rows by key, on the calling task when a reader is idle
+    /// (no hand-off to another thread); on the blocking pool otherwise.
+    async fn lookup<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        if let Some(reader) = self.inner.readers.try_get() {
+            return f(reader.conn()?);
+        }
+        self.read(f).await
+    }
+
+    /// Run `f` in a `BEGIN IMMEDIATE` transaction on the writer thread, under its own savepoint:
+    /// kept when it returns `Ok`, rolled back otherwise; the result comes after the COMMIT.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> StoreResult<T> + Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = lock(&inner.writer);
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(map_err)?;
-            let value = f(&tx)?;
-            tx.commit().map_err(map_err)?;
-            Ok(value)
-        })
-        .await
-        .map_err(join_error)?
+        self.inner.writer.write(f).await
     }
 }
 
@@ -362,7 +380,7 @@ fn open_blocking(path: PathBuf, busy: Duration, readers: usize) -> StoreResult<I
     Ok(Inner {
         path,
         origin: new_origin(),
-        writer: Mutex::new(writer),
+        writer: Writer::spawn(writer)?,
         readers: ReaderPool {
             idle: Mutex::new(idle),
             returned: Condvar::new(),
@@ -557,6 +575,49 @@ fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> StoreRes
         .map_err(map_err)
 }
 
+/// The device `id`.
+fn device_by_id(conn: &Connection, id: &str) -> StoreResult<Option<Device>> {
+    query_opt(
+        conn,
+        &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
+        [id],
+        device_from_row,
+    )
+}
+
+/// The credential `serial`.
+fn credential_by_serial(conn: &Connection, serial: &str) -> StoreResult<Option<Credential>> {
+    query_opt(
+        conn,
+        &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE serial = ?1"),
+        [serial],
+        credential_from_row,
+    )
+}
+
+/// The answer given to the enrollment request `(device_id, request_id)`.
+fn enrollment_by_request(
+    conn: &Connection,
+    device_id: &str,
+    request_id: &str,
+) -> StoreResult<Option<StoredEnrollment>> {
+    query_opt(
+        conn,
+        "SELECT device_id, request_id, serial, response, created_at FROM enrollments
+          WHERE device_id = ?1 AND request_id = ?2",
+        [device_id, request_id],
+        |row| {
+            Ok(StoredEnrollment {
+                device_id: get(row, 0)?,
+                request_id: get(row, 1)?,
+                serial: get(row, 2)?,
+                response: get_json(row, 3)?,
+                created_at: get_ts(row, 4)?,
+            })
+        },
+    )
+}
+
 const DEVICE_COLUMNS: &str = "id, device_type, model, location, firmware_version, state, \
      credential_kind, current_serial, generation, created_at, updated_at, enrolled_at, \
      activated_at, activation_deadline, last_error, factory_issuer, factory_serial";
@@ -687,7 +748,7 @@ fn insert_change(
 /// Revoke every unrevoked credential of a device (announced on the change feed); returns
 /// their serials, sorted.
 fn revoke_all_tx(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     origin: &str,
     device_id: &str,
     reason: &str,
@@ -793,7 +854,7 @@ fn insert_config_row(
 
 /// The enrollment transaction; see [`Store::commit_enrollment`].
 fn commit_enrollment_tx(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     origin: &str,
     commit: &EnrollmentCommit,
 ) -> StoreResult<EnrollmentCommitted> {
@@ -934,7 +995,7 @@ fn commit_enrollment_tx(
 }
 
 /// The bulk import transaction; see [`Store::import_devices`].
-fn import_tx(tx: &Transaction<'_>, devices: &[NewDevice]) -> StoreResult<ImportOutcome> {
+fn import_tx(tx: &Connection, devices: &[NewDevice]) -> StoreResult<ImportOutcome> {
     let now = now()?;
     let mut outcome = ImportOutcome::default();
     for device in devices {
@@ -1052,15 +1113,7 @@ impl Store for SqliteStore {
 
     async fn device(&self, id: &str) -> StoreResult<Option<Device>> {
         let id = id.to_owned();
-        self.read(move |conn| {
-            query_opt(
-                conn,
-                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
-                [&id],
-                device_from_row,
-            )
-        })
-        .await
+        self.lookup(move |conn| device_by_id(conn, &id)).await
     }
 
     async fn list_devices(&self, filter: &DeviceFilter) -> StoreResult<Vec<Device>> {
@@ -1188,22 +1241,22 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<StoredEnrollment>> {
         let device_id = device_id.to_owned();
         let request_id = request_id.to_owned();
-        self.read(move |conn| {
-            query_opt(
-                conn,
-                "SELECT device_id, request_id, serial, response, created_at FROM enrollments
-                  WHERE device_id = ?1 AND request_id = ?2",
-                [&device_id, &request_id],
-                |row| {
-                    Ok(StoredEnrollment {
-                        device_id: get(row, 0)?,
-                        request_id: get(row, 1)?,
-                        serial: get(row, 2)?,
-                        response: get_json(row, 3)?,
-                        created_at: get_ts(row, 4)?,
-                    })
-                },
-            )
+        self.lookup(move |conn| enrollment_by_request(conn, &device_id, &request_id))
+            .await
+    }
+
+    async fn enrollment_context(
+        &self,
+        device_id: &str,
+        request_id: &str,
+    ) -> StoreResult<(Option<StoredEnrollment>, Option<Device>)> {
+        let device_id = device_id.to_owned();
+        let request_id = request_id.to_owned();
+        self.lookup(move |conn| {
+            Ok((
+                enrollment_by_request(conn, &device_id, &request_id)?,
+                device_by_id(conn, &device_id)?,
+            ))
         })
         .await
     }
@@ -1318,13 +1371,22 @@ impl Store for SqliteStore {
 
     async fn credential(&self, serial: &str) -> StoreResult<Option<Credential>> {
         let serial = serial.to_owned();
-        self.read(move |conn| {
-            query_opt(
-                conn,
-                &format!("SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE serial = ?1"),
-                [&serial],
-                credential_from_row,
-            )
+        self.lookup(move |conn| credential_by_serial(conn, &serial))
+            .await
+    }
+
+    async fn credential_and_device(
+        &self,
+        serial: &str,
+        device_id: &str,
+    ) -> StoreResult<(Option<Credential>, Option<Device>)> {
+        let serial = serial.to_owned();
+        let device_id = device_id.to_owned();
+        self.lookup(move |conn| {
+            Ok((
+                credential_by_serial(conn, &serial)?,
+                device_by_id(conn, &device_id)?,
+            ))
         })
         .await
     }
