@@ -1,11 +1,13 @@
 //! Message throughput of activated devices through the gateway (TLS via the front) against a
 //! bare rumqttd in the same run, QoS 0 and QoS 1, 100-byte payloads.
 //!
-//! Through the gateway: P enrolled devices publish on `devices/Dk/telemetry` with their
-//! operational certificates; S admin-certificate clients subscribe to `devices/+/telemetry`.
-//! Bare: a plain rumqttd 0.20 (v4 listener, plaintext, no authentication), the same pattern
-//! over plaintext. Deliveries (publishes received by the subscribers) are counted over a fixed
-//! window after a warm-up.
+//! Through the gateway: `onboard serve` as its own process, the binary as it ships (its
+//! allocator, its own runtime), on a temporary SQLite file and PKI. P enrolled devices publish on
+//! `devices/Dk/telemetry` with their operational certificates; S admin-certificate clients
+//! subscribe to `devices/+/telemetry`. Bare: a plain rumqttd 0.20 (v4 listener, plaintext, no
+//! authentication) on its own threads in this process, the same pattern over plaintext. The
+//! clients run in this process for both. Deliveries (publishes received by the subscribers) are
+//! counted over a fixed window after a warm-up.
 //!
 //! Sizes: `ONBOARD_BENCH_PUBLISHERS` (10), `ONBOARD_BENCH_SUBSCRIBERS` (10),
 //! `ONBOARD_BENCH_WARMUP_SECS` (1), `ONBOARD_BENCH_WINDOW_SECS` (5).
@@ -17,8 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_secs, env_usize, Bench, HOST};
-use onboard::simulate::{self, EnrolledDevice, SimCredential, Simulator};
+use common::gateway::{self, GatewayProcess};
+use common::{env_secs, env_usize, HOST};
+use onboard::simulate::{self, EnrolledDevice, SimCredential, SimulateOptions, Simulator};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 const PAYLOAD: usize = 100;
@@ -56,11 +59,13 @@ async fn bench() {
         )
         .await;
         println!("{name} bare rumqttd (plaintext):  {bare_rate:>12.0} deliveries/s");
-        let bench = Bench::start().await;
-        let setup = front_setup(&bench, publishers, subscribers).await;
+        let (gw, setup) = front_setup(publishers, subscribers).await;
         let front_rate = measure(setup, qos, warmup, window).await;
         println!("{name} gateway (TLS via front):   {front_rate:>12.0} deliveries/s");
-        bench.stop().await;
+        if let Err(e) = gw.process.stop().await {
+            println!("  gateway stop failed: {e:#}");
+        }
+        drop(gw.files);
         lines.push(format!(
             "{name} front/bare ratio: {:.3}",
             front_rate / bare_rate.max(1.0)
@@ -71,10 +76,30 @@ async fn bench() {
     }
 }
 
-/// Through the gateway: enrolled, activated devices publish; admin clients subscribe.
-async fn front_setup(bench: &Bench, publishers: usize, subscribers: usize) -> Setup {
-    let sim = Simulator::new(bench.sim_options("pub-", publishers, 1, SimCredential::Csr))
-        .expect("simulator");
+/// A running gateway and its files (removed when this is dropped).
+struct Gateway {
+    files: gateway::Setup,
+    process: GatewayProcess,
+}
+
+/// Through the gateway: a fresh `onboard serve`; enrolled, activated devices publish; admin
+/// clients subscribe.
+async fn front_setup(publishers: usize, subscribers: usize) -> (Gateway, Setup) {
+    let mut gateway = gateway::Setup::new().expect("gateway files");
+    let process = gateway.start(None).await.expect("gateway starts");
+    let sim = Simulator::new(SimulateOptions {
+        host: HOST.into(),
+        port: gateway.mtls.port(),
+        password_port: gateway.password.port(),
+        prefix: "pub-".into(),
+        credential: SimCredential::Csr,
+        device_type: "thermostat".into(),
+        pki_dir: gateway.pki_dir(),
+        telemetry_messages: 1,
+        timeout: Duration::from_secs(30),
+        ..SimulateOptions::default()
+    })
+    .expect("simulator");
     let mut devices: Vec<EnrolledDevice> = Vec::with_capacity(publishers);
     for i in 0..publishers {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -87,9 +112,14 @@ async fn front_setup(bench: &Bench, publishers: usize, subscribers: usize) -> Se
             .expect("publisher activates");
         devices.push(device);
     }
-    let admin_tls = bench.tls(&bench.admin("bench-admin"));
-    let port = bench.gw.mtls_addr.port();
-    Setup {
+    let admin_dir = tempfile::tempdir().expect("temporary directory");
+    let admin = onboard::pki::issue_admin(&gateway.pki_dir(), "bench-admin", admin_dir.path())
+        .expect("admin certificate");
+    let admin_tls = sim
+        .tls_config(Some((&admin.certificate_pem, &admin.private_key_pem)))
+        .expect("admin TLS configuration");
+    let port = gateway.mtls.port();
+    let setup = Setup {
         publishers: devices
             .iter()
             .map(|d| {
@@ -102,7 +132,12 @@ async fn front_setup(bench: &Bench, publishers: usize, subscribers: usize) -> Se
                 simulate::mqtt_options(&format!("bench-sub-{k}"), HOST, port, admin_tls.clone())
             })
             .collect(),
-    }
+    };
+    let gw = Gateway {
+        files: gateway,
+        process,
+    };
+    (gw, setup)
 }
 
 fn plain(id: &str, bare: SocketAddr) -> MqttOptions {

@@ -1,7 +1,11 @@
 //! Shared set-up of the benchmarks: an in-process gateway on loopback (temporary PKI directory
-//! and SQLite file, or a scratch schema on the SQL Server `ONBOARD_BENCH_STORE_URL` names), a
-//! bare rumqttd on loopback for same-run baselines, and sizes read from environment variables.
+//! and SQLite file, or a scratch schema on the SQL Server `ONBOARD_BENCH_STORE_URL` names), the
+//! shipped binary as a child process ([`gateway`]), a bare rumqttd on loopback for same-run
+//! baselines, and sizes read from environment variables.
 #![allow(dead_code)]
+
+pub mod gateway;
+pub mod procfs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

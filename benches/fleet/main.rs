@@ -28,9 +28,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
-mod gateway;
 mod parts;
-mod procfs;
 
 use std::process::ExitCode;
 use std::time::Duration;

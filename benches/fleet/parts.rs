@@ -12,9 +12,9 @@ use onboard::simulate::{
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::common::gateway::{GatewayProcess, Setup, Usage};
+use crate::common::procfs::CpuPair;
 use crate::common::HOST;
-use crate::gateway::{GatewayProcess, Setup, Usage};
-use crate::procfs::CpuPair;
 use crate::Sizes;
 
 /// Device ids are `fleet-NNNNNN`.

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::procfs;
+use super::procfs;
 
 /// How long a start may take until `/readyz` answers 200 (it republishes the fleet's retained
 /// configurations first).
