@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::gateway::{self, GatewayProcess};
 use common::{env_secs, env_usize, HOST};
-use onboard::simulate::{self, EnrolledDevice, SimCredential, SimulateOptions, Simulator};
+use onboard::simulate::{self, EnrolledDevice, Simulator};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 const PAYLOAD: usize = 100;
@@ -62,10 +62,7 @@ async fn bench() {
         let (gw, setup) = front_setup(publishers, subscribers).await;
         let front_rate = measure(setup, qos, warmup, window).await;
         println!("{name} gateway (TLS via front):   {front_rate:>12.0} deliveries/s");
-        if let Err(e) = gw.process.stop().await {
-            println!("  gateway stop failed: {e:#}");
-        }
-        drop(gw.files);
+        gw.stop().await;
         lines.push(format!(
             "{name} front/bare ratio: {:.3}",
             front_rate / bare_rate.max(1.0)
@@ -82,24 +79,23 @@ struct Gateway {
     process: GatewayProcess,
 }
 
+impl Gateway {
+    /// SIGTERM and wait; then its files go.
+    async fn stop(self) {
+        if let Err(e) = self.process.stop().await {
+            println!("  gateway stop failed: {e:#}");
+        }
+        drop(self.files);
+    }
+}
+
 /// Through the gateway: a fresh `onboard serve`; enrolled, activated devices publish; admin
 /// clients subscribe.
 async fn front_setup(publishers: usize, subscribers: usize) -> (Gateway, Setup) {
     let mut gateway = gateway::Setup::new().expect("gateway files");
     let process = gateway.start(None).await.expect("gateway starts");
-    let sim = Simulator::new(SimulateOptions {
-        host: HOST.into(),
-        port: gateway.mtls.port(),
-        password_port: gateway.password.port(),
-        prefix: "pub-".into(),
-        credential: SimCredential::Csr,
-        device_type: "thermostat".into(),
-        pki_dir: gateway.pki_dir(),
-        telemetry_messages: 1,
-        timeout: Duration::from_secs(30),
-        ..SimulateOptions::default()
-    })
-    .expect("simulator");
+    let sim =
+        Simulator::new(gateway.sim_options("pub-", Duration::from_secs(30))).expect("simulator");
     let mut devices: Vec<EnrolledDevice> = Vec::with_capacity(publishers);
     for i in 0..publishers {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -112,9 +108,7 @@ async fn front_setup(publishers: usize, subscribers: usize) -> (Gateway, Setup) 
             .expect("publisher activates");
         devices.push(device);
     }
-    let admin_dir = tempfile::tempdir().expect("temporary directory");
-    let admin = onboard::pki::issue_admin(&gateway.pki_dir(), "bench-admin", admin_dir.path())
-        .expect("admin certificate");
+    let admin = gateway.admin("bench-admin").expect("admin certificate");
     let admin_tls = sim
         .tls_config(Some((&admin.certificate_pem, &admin.private_key_pem)))
         .expect("admin TLS configuration");

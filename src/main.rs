@@ -22,3 +22,42 @@ fn keep_freed_memory() {
     // SAFETY: sets one of mimalloc's global options; any value is valid (-1: never purge).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MI_OPTION_PURGE_DELAY;
+
+    /// mimalloc's own name for the option, read from the environment when it starts.
+    const VARIABLE: &str = "MIMALLOC_PURGE_DELAY";
+
+    /// The index is the purge delay's: a process started with `MIMALLOC_PURGE_DELAY` set reads
+    /// that value under it (a renumbered option in a newer mimalloc fails here, not in production).
+    #[test]
+    fn the_option_index_names_the_purge_delay() {
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "tests::purge_delay_from_environment",
+            ])
+            .env(VARIABLE, "4321")
+            .output()
+            .expect("test binary runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        assert!(stdout.contains("1 passed"), "{stdout}");
+    }
+
+    #[test]
+    #[ignore = "run by the_option_index_names_the_purge_delay, with MIMALLOC_PURGE_DELAY set"]
+    fn purge_delay_from_environment() {
+        let expected: std::ffi::c_long = std::env::var(VARIABLE)
+            .expect("MIMALLOC_PURGE_DELAY set")
+            .parse()
+            .expect("a number");
+        // SAFETY: reads one of mimalloc's global options.
+        let value = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(value, expected);
+    }
+}

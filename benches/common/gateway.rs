@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use onboard::config::Config;
+use onboard::pki::{CertAndKey, CertOptions, Issuer};
+use onboard::simulate::{SimCredential, SimulateOptions};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -82,6 +84,31 @@ impl Setup {
 
     pub fn pki_dir(&self) -> PathBuf {
         self.dir.path().join("certs")
+    }
+
+    /// Simulator options for devices named `<prefix>NNNNNN` enrolling with CSRs through this
+    /// gateway, `timeout` for one device's flow.
+    pub fn sim_options(&self, prefix: &str, timeout: Duration) -> SimulateOptions {
+        SimulateOptions {
+            host: super::HOST.into(),
+            port: self.mtls.port(),
+            password_port: self.password.port(),
+            prefix: prefix.into(),
+            credential: SimCredential::Csr,
+            device_type: "thermostat".into(),
+            pki_dir: self.pki_dir(),
+            telemetry_messages: 1,
+            timeout,
+            ..SimulateOptions::default()
+        }
+    }
+
+    /// An admin certificate (CN `name`) from the gateway's admin CA (made at its first start).
+    pub fn admin(&self, name: &str) -> Result<CertAndKey> {
+        Issuer::load(&self.pki_dir(), "admin-ca")
+            .context("admin CA")?
+            .issue_client(name, &CertOptions::valid_for_days(1))
+            .context("admin certificate")
     }
 
     fn log_path(&self) -> PathBuf {

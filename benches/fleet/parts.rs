@@ -7,14 +7,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use onboard::simulate::{
     self, Batch, BatchOptions, Completed, DeviceFailure, DeviceKit, EnrolledDevice, HeldConnection,
-    SimCredential, SimulateOptions, Simulator,
+    Simulator,
 };
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::common::gateway::{GatewayProcess, Setup, Usage};
 use crate::common::procfs::CpuPair;
-use crate::common::HOST;
 use crate::Sizes;
 
 /// Device ids are `fleet-NNNNNN`.
@@ -40,7 +39,7 @@ pub async fn run(sizes: Sizes, open_files: u64) -> Result<()> {
         describe(&sizes)
     );
     let mut gw = setup.start(None).await?;
-    let sim = Simulator::new(sim_options(&setup, &sizes)).context("simulator")?;
+    let sim = Simulator::new(setup.sim_options(PREFIX, sizes.timeout)).context("simulator")?;
     let mut fleet = Fleet {
         sim: Arc::new(sim),
         sizes,
@@ -70,21 +69,6 @@ fn describe(s: &Sizes) -> String {
         s.storm_concurrency,
         s.timeout.as_secs()
     )
-}
-
-fn sim_options(setup: &Setup, sizes: &Sizes) -> SimulateOptions {
-    SimulateOptions {
-        host: HOST.into(),
-        port: setup.mtls.port(),
-        password_port: setup.password.port(),
-        prefix: PREFIX.into(),
-        credential: SimCredential::Csr,
-        device_type: "thermostat".into(),
-        pki_dir: setup.pki_dir(),
-        telemetry_messages: 1,
-        timeout: sizes.timeout,
-        ..SimulateOptions::default()
-    }
 }
 
 /// Stop the gateway; a failed stop is reported, and the next part starts a new one anyway.
